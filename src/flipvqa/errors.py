@@ -1,0 +1,16 @@
+"""User-facing errors.
+
+Anything the user can fix (a missing file, a malformed annotation, a checkpoint that does not fit)
+raises :class:`FlipVQAError` with one line naming the file and the problem; the CLI prints that line
+and exits with status 2 instead of showing a traceback.
+"""
+
+
+class FlipVQAError(Exception):
+    """An error caused by the user's input, reported as a single line."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise :class:`FlipVQAError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise FlipVQAError(message)

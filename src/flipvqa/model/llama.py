@@ -1,0 +1,227 @@
+"""A compact LLaMA-family decoder (LLaMA 1/2/3, Mistral, TinyLlama, ...).
+
+Pre-norm residual blocks with RMSNorm, rotary position embeddings, SwiGLU feed-forward and
+(grouped-query) attention through ``scaled_dot_product_attention``.
+
+Rotary layout: this module uses **Meta's interleaved pairs** -- dimensions ``(2i, 2i+1)`` of each
+head rotate together. Hugging Face checkpoints store q/k rows permuted for the rotate-half form;
+:mod:`flipvqa.checkpoints` undoes that permutation at load time, so there is one layout in here.
+
+The attention takes two optional extras that Flipped-VQA needs and the plain LM does not use:
+an additive mask (the causal mask plus the learned per-head video bias) and *prompt* rows (the
+adaption prompt) whose keys/values go through this layer's own ``wk``/``wv`` and are attended with
+a separate, gated softmax (see :mod:`flipvqa.model.flipped`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: as many as query heads (no GQA)
+    vocab_size: int = 32000
+    hidden_dim: Optional[int] = None  # feed-forward width; None: LLaMA's multiple_of rule
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = field(default=None)
+    head_dim: Optional[int] = None  # None: dim // n_heads
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.hidden_dim is None:
+            hidden = int(2 * 4 * self.dim / 3)
+            if self.ffn_dim_multiplier is not None:
+                hidden = int(self.ffn_dim_multiplier * hidden)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+# Named backbone shapes (random weights for benchmarks; real weights come from checkpoints).
+PRESETS: dict[str, ModelArgs] = {
+    "llama-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32),
+    "llama-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40),
+    "llama-33b": ModelArgs(dim=6656, n_layers=60, n_heads=52),
+    "bench-512": ModelArgs(dim=512, n_layers=8, n_heads=8),
+}
+
+
+def rope_frequencies(args: ModelArgs) -> Tensor:
+    """Inverse frequencies ``theta^(-2i/head_dim)``, rescaled as ``transformers`` does for
+    ``rope_scaling`` of type ``linear`` or ``llama3``."""
+    head_dim = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64)[: head_dim // 2] / head_dim))
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq.float()
+    if kind == "linear":
+        return (inv_freq / scaling["factor"]).float()
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled).float()
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
+
+
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """cos/sin tables ``(seq, head_dim // 2)`` in float32 for the given positions."""
+    angles = torch.outer(positions.float(), inv_freq.to(positions.device))
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved pairs of ``x`` (batch, seq, heads, head_dim) in float32."""
+    xf = x.float().unflatten(-1, (-1, 2))  # (batch, seq, heads, head_dim/2, 2)
+    even, odd = xf[..., 0], xf[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: Optional[Tensor] = None,
+        prompt: Optional[Tensor] = None,
+        prompt_gate: Optional[Tensor] = None,
+        past_kv: Optional[tuple[Tensor, Tensor]] = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Self-attention of ``x`` (batch, seq, dim).
+
+        ``mask``: additive float mask (batch or 1, heads or 1, seq, past + seq); None means causal.
+        ``prompt`` (prompt_len, dim): extra key/value rows without rotary, attended with their own
+        softmax and scaled per head by ``prompt_gate`` (1, heads, 1, 1).
+        ``past_kv``: keys/values (batch, kv_heads, past, head_dim) of an earlier prefix, already
+        rotated; ``x`` then continues at position ``past``.
+        Returns the output and this call's full keys/values (for reuse as a prefix).
+        """
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (batch, heads, seq, head_dim)
+        if past_kv is not None:
+            k = torch.cat([past_kv[0].expand(bsz, -1, -1, -1), k], dim=2)
+            v = torch.cat([past_kv[1].expand(bsz, -1, -1, -1), v], dim=2)
+        present = (k, v)
+        gqa = self.n_kv_heads != self.n_heads
+        if mask is None:
+            assert past_kv is None, "a prefix needs an explicit mask"
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), enable_gqa=gqa)
+        if prompt is not None:
+            out = out + self._prompt_attention(q, prompt, prompt_gate)
+        out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
+        return self.wo(out), present
+
+    def _prompt_attention(self, q: Tensor, prompt: Tensor, gate: Tensor) -> Tensor:
+        # The prompt rows get a softmax of their own (not shared with the sequence), as in
+        # LLaMA-Adapter; the per-head gate starts at zero so training starts from the frozen LM.
+        plen = prompt.shape[0]
+        pk = self.wk(prompt).view(1, plen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        pv = self.wv(prompt).view(1, plen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        rep = self.n_heads // self.n_kv_heads
+        if rep > 1:  # query head h uses kv head h // rep (transformers' repeat_kv order)
+            pk, pv = pk.repeat_interleave(rep, dim=1), pv.repeat_interleave(rep, dim=1)
+        scores = torch.matmul(q, pk.transpose(2, 3).to(q.dtype)) / math.sqrt(self.head_dim)
+        probs = F.softmax(scores.float(), dim=-1) * gate.float()
+        return torch.matmul(probs.to(q.dtype), pv.to(q.dtype))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: Tensor, rope, mask=None, prompt=None, prompt_gate=None, past_kv=None):
+        attn, present = self.attention(self.attention_norm(x), rope, mask, prompt, prompt_gate, past_kv)
+        h = x + attn
+        return h + self.feed_forward(self.ffn_norm(h)), present
+
+
+class Transformer(nn.Module):
+    """The frozen backbone. Parameter names follow Meta's checkpoints."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
+
+    def rope(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        positions = torch.arange(start, start + length, device=device)
+        return rope_cos_sin(self.inv_freq, positions)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Plain causal language model: logits (batch, seq, vocab)."""
+        h = self.tok_embeddings(tokens)
+        rope = self.rope(0, tokens.shape[1], tokens.device)
+        for layer in self.layers:
+            h, _ = layer(h, rope)
+        return self.output(self.norm(h)).float()

@@ -1,0 +1,137 @@
+"""The three Flipped-VQA token sequences, as pure functions of a sample's text.
+
+VQA predicts the answer letter, VAQ the question and QAV the video frames, each from the other two
+parts of the same <video, question, answer> triplet. The templates, the video placeholder slots and
+the overflow rules are the reference's (SPEC.md sections 1-3). Positions (where the video sits,
+where the targets start) come from the tokenized segments and character spans, never from
+hard-coded token ids, so any tokenizer works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import FlipVQAError
+from .tokenizer import Tokenizer
+
+LETTERS = ("(A)", "(B)", "(C)", "(D)", "(E)")
+TASKS = ("vqa", "vaq", "qav")
+VIDEO_SLOT = 0  # placeholder id of a video slot; the model replaces its embedding
+
+INSTRUCTIONS = {
+    ("vqa", False): "Instruction: Predict the answer based on the video and question.\n",
+    ("vaq", False): "Instruction: Predict the question based on the video and answer.\n",
+    ("qav", False): "Instruction: Predict the video based on the question and answer.\n",
+    ("vqa", True): "Instruction: Predict the answer based on the dialogue, video and question.\n",
+    ("vaq", True): "Instruction: Predict the question based on the dialogue, video and answer.\n",
+    ("qav", True): "Instruction: Predict the video based on the dialogue, question and answer.\n",
+}
+
+
+@dataclass(frozen=True)
+class PromptText:
+    question: str  # "Question: ...?\n"
+    choices: str  # "Choices: \n(A) ...\n(B) ...\n"
+    answer: str  # "Answer: The answer is "
+    dialogue: str  # "Dialogue: ...\n" or "" (only with subtitles)
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """One token sequence. Targets are the tokens at positions ``label_start .. len(ids)-1``
+    (QAV: the frame indices at the ``max_feats`` video slots that start at ``video_start``)."""
+
+    ids: list[int]
+    label_start: int
+    video_start: int
+    truncated: bool = False
+
+
+def normalize_question(raw: str) -> str:
+    """``raw.capitalize().strip()`` with a question mark, as the reference writes questions."""
+    question = str(raw).capitalize().strip()
+    return question if question.endswith("?") else question + "?"
+
+
+def prompt_text(question: str, options: list[str], dialogue: str = "") -> PromptText:
+    if len(options) > len(LETTERS):
+        raise FlipVQAError(f"{len(options)} options: at most {len(LETTERS)} are supported")
+    choices = "Choices: \n" + "".join(f"{LETTERS[k]} {opt}\n" for k, opt in enumerate(options))
+    return PromptText(f"Question: {question}\n", choices, "Answer: The answer is ", dialogue)
+
+
+def _encode_from(tok: Tokenizer, text: str, char_start: int) -> tuple[list[int], int]:
+    """Encode ``text``; also return the index of the first token that reaches past ``char_start``
+    (a token straddling the boundary, such as LLaMA's '▁(' for ' (B)', belongs to the targets)."""
+    ids, spans = tok.encode_with_spans(text)
+    first = next((i for i, (_, end) in enumerate(spans) if end > char_start), len(ids))
+    return ids, first
+
+
+def build(tok: Tokenizer, task: str, text: PromptText, letter: int, max_feats: int,
+          max_seq_len: int, sub: bool) -> Sequence:
+    """Build one ``task`` sequence with answer letter ``letter`` and fit it into ``max_seq_len``."""
+    slots = [VIDEO_SLOT] * max_feats
+    instruction = INSTRUCTIONS[(task, sub)]
+    dialogue = tok.encode(text.dialogue) if sub and text.dialogue else []
+    qa = text.question + text.choices + text.answer + LETTERS[letter]
+    if task == "qav":
+        head = [tok.bos_id] + tok.encode(instruction)
+        if sub:
+            body = tok.encode(qa + "\nVideo:")
+            ids = head + dialogue + body + slots + [tok.eos_id]
+            span = (len(head), len(head) + len(dialogue))
+        else:  # the reference encodes instruction and question in one string here
+            ids = [tok.bos_id] + tok.encode(instruction + qa + "\nVideo:") + slots + [tok.eos_id]
+            span = None
+        start = len(ids) - max_feats - 1
+        return _fit(ids, start, start, span, max_feats, max_seq_len, task)
+    head = [tok.bos_id] + tok.encode(instruction + "Video:")
+    video_start = len(head)
+    if task == "vqa":
+        body_text, target_char = qa, len(qa) - len(LETTERS[letter])
+    else:  # vaq: the question, with its "Question:" label, comes last and is the target
+        question = text.question.strip()
+        body_text = text.choices + text.answer + LETTERS[letter] + "\n" + question
+        target_char = len(body_text) - len(question) + len("Question:")
+    body, first_target = _encode_from(tok, body_text, target_char)
+    prefix = head + slots + [tok.newline_id]
+    ids = prefix + dialogue + body + [tok.eos_id]
+    span = (len(prefix), len(prefix) + len(dialogue)) if sub else None
+    return _fit(ids, len(prefix) + len(dialogue) + first_target, video_start, span, max_feats,
+                max_seq_len, task)
+
+
+def _fit(ids: list[int], label_start: int, video_start: int, dialogue: Optional[tuple[int, int]],
+         max_feats: int, max_len: int, task: str) -> Sequence:
+    """Apply the reference's overflow rule (SPEC.md section 3)."""
+    if len(ids) <= max_len:
+        return Sequence(ids, label_start, video_start)
+    if dialogue is not None and dialogue[0] != dialogue[1]:
+        # Cut the dialogue's tail so that what follows it fits. When even that is too long
+        # ("keep" < 0), the reference overwrites the tokens just before the dialogue.
+        d_start, d_end = dialogue
+        tail = ids[d_end:]
+        if len(tail) > max_len:
+            raise FlipVQAError(f"the text after the dialogue needs {len(tail)} tokens, more than "
+                               f"--max_seq_len {max_len}")
+        keep = max_len - (d_start + len(tail))
+        head = (ids[:d_start] + ids[d_start:d_start + max(keep, 0)])[: max_len - len(tail)]
+        shift = len(ids) - max_len
+        new_video_start = video_start - shift if task == "qav" else video_start
+        return Sequence(head + tail, label_start - shift, new_video_start, truncated=True)
+    if task == "qav" and video_start + max_feats > max_len:
+        raise FlipVQAError(f"the QAV sequence needs --max_seq_len >= {video_start + max_feats} "
+                           f"for its video slots (it is {max_len})")
+    return Sequence(ids[:max_len], label_start, video_start, truncated=True)
+
+
+def encode_sample(tok: Tokenizer, text: PromptText, answer: int, n_options: int, max_feats: int,
+                  max_seq_len: int, sub: bool, tasks=TASKS, all_options: bool = False
+                  ) -> dict[str, list[Sequence]]:
+    """Sequences per task: one with the correct letter (training), or one per option
+    (``all_options``, evaluation)."""
+    letters = range(n_options) if all_options else [answer]
+    return {task: [build(tok, task, text, k, max_feats, max_seq_len, sub) for k in letters]
+            for task in tasks}

@@ -1,0 +1,82 @@
+"""Tokenizers behind one small interface.
+
+Prompt construction (:mod:`flipvqa.prompts`) needs token ids *and* the character span of each
+token, so that it finds where the answer or the question starts from the text itself instead of
+from LLaMA-specific token ids.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+from .errors import FlipVQAError
+
+
+class Tokenizer(Protocol):
+    bos_id: int
+    eos_id: int
+    newline_id: int  # the id the prompts insert for the line break after the video
+    n_words: int
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without BOS/EOS."""
+
+    def encode_with_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and, per token, its ``(start, end)`` character span in ``text``."""
+
+
+class SentencePieceTokenizer:
+    """LLaMA-1/2 style SentencePiece model (``tokenizer.model``)."""
+
+    def __init__(self, path: str | os.PathLike):
+        import sentencepiece
+
+        path = Path(path)
+        if not path.is_file():
+            raise FlipVQAError(f"{path}: tokenizer file not found")
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except Exception as exc:  # sentencepiece raises bare RuntimeErrors/OSErrors
+            raise FlipVQAError(f"{path}: not a SentencePiece model ({exc})") from None
+        self.path = path
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        self.n_words = self.sp.vocab_size()
+        # LLaMA inserts the byte piece for "\n" directly (id 13 in LLaMA's vocabulary).
+        self.newline_id = self.sp.piece_to_id("<0x0A>")
+        if self.newline_id == self.sp.unk_id():
+            self.newline_id = self.encode("\n")[-1]
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_with_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        proto = self.sp.encode(text, out_type="proto")
+        # SentencePiece reports byte offsets; map them to character offsets.
+        byte_to_char = []
+        for i, ch in enumerate(text):
+            byte_to_char.extend([i] * len(ch.encode("utf-8")))
+        byte_to_char.append(len(text))
+        ids, spans = [], []
+        for piece in proto.pieces:
+            ids.append(piece.id)
+            spans.append((byte_to_char[piece.begin], byte_to_char[piece.end]))
+        return ids, spans
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load ``tokenizer.model`` (SentencePiece) or ``tokenizer.json`` (Hugging Face); a folder
+    is searched for either."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if (path / name).is_file():
+                return load_tokenizer(path / name)
+        raise FlipVQAError(f"{path}: no tokenizer.model or tokenizer.json in this folder")
+    if path.suffix == ".json":
+        from .hf_tokenizer import HFTokenizer
+
+        return HFTokenizer(path)
+    return SentencePieceTokenizer(path)

@@ -61,6 +61,11 @@ def prompt_text(question: str, options: list[str], dialogue: str = "") -> Prompt
     return PromptText(f"Question: {question}\n", choices, "Answer: The answer is ", dialogue)
 
 
+def _bos(tok: Tokenizer) -> list[int]:
+    """``[bos_id]``, or nothing for a tokenizer without BOS (some Hugging Face models)."""
+    return [] if tok.bos_id is None else [tok.bos_id]
+
+
 def _encode_from(tok: Tokenizer, text: str, char_start: int) -> tuple[list[int], int]:
     """Encode ``text``; also return the index of the first token that reaches past ``char_start``
     (a token straddling the boundary, such as LLaMA's '▁(' for ' (B)', belongs to the targets)."""
@@ -77,17 +82,17 @@ def build(tok: Tokenizer, task: str, text: PromptText, letter: int, max_feats: i
     dialogue = tok.encode(text.dialogue) if sub and text.dialogue else []
     qa = text.question + text.choices + text.answer + LETTERS[letter]
     if task == "qav":
-        head = [tok.bos_id] + tok.encode(instruction)
+        head = _bos(tok) + tok.encode(instruction)
         if sub:
             body = tok.encode(qa + "\nVideo:")
             ids = head + dialogue + body + slots + [tok.eos_id]
             span = (len(head), len(head) + len(dialogue))
         else:  # the reference encodes instruction and question in one string here
-            ids = [tok.bos_id] + tok.encode(instruction + qa + "\nVideo:") + slots + [tok.eos_id]
+            ids = _bos(tok) + tok.encode(instruction + qa + "\nVideo:") + slots + [tok.eos_id]
             span = None
         start = len(ids) - max_feats - 1
         return _fit(ids, start, start, span, max_feats, max_seq_len, task)
-    head = [tok.bos_id] + tok.encode(instruction + "Video:")
+    head = _bos(tok) + tok.encode(instruction + "Video:")
     video_start = len(head)
     if task == "vqa":
         body_text, target_char = qa, len(qa) - len(LETTERS[letter])

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import Optional, Protocol
 
 from .errors import FlipVQAError
 
 
 class Tokenizer(Protocol):
-    bos_id: int
+    bos_id: Optional[int]  # None: the model has no BOS token and prompts start without one
     eos_id: int
     newline_id: int  # the id the prompts insert for the line break after the video
     n_words: int

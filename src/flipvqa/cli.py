@@ -1,0 +1,105 @@
+"""``flipvqa`` command line: train | eval | demo | bench | extract-features | ask."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from typing import Callable, Optional
+
+from .config import PRESETS, add_run_arguments, resolve
+from .errors import FlipVQAError
+
+log = logging.getLogger("flipvqa")
+
+
+def _train(ns: argparse.Namespace) -> int:
+    from .train import train
+
+    result = train(resolve(ns))
+    if result["best_epoch"] is None:
+        log.info("done; no epoch had a validation accuracy above 0, so no checkpoint was written")
+    else:
+        log.info("best val accuracy %.4f at epoch %d; checkpoint: %s/checkpoint_best.pth",
+                 result["best_acc"], result["best_epoch"], result["output_dir"])
+    return 0
+
+
+def _eval(ns: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    result = evaluate(resolve(ns))
+    if getattr(ns, "json", False):
+        print(json.dumps(result))
+        return 0
+    print(f"accuracy: {result['accuracy']:.4f} ({result['n']} questions)")
+    for name, acc in result["per_type"].items():
+        print(f"  {name:<12} {acc:.4f}")
+    if result["predictions"]:
+        print(f"predictions: {result['predictions']}")
+    return 0
+
+
+# name -> (module with add_arguments/run, help); modules load only when their command runs,
+# so an optional dependency of one command never breaks another.
+PLUGINS = {
+    "demo": ("flipvqa.demo", "train and evaluate a tiny Flipped-VQA model on synthetic videos, offline, on a CPU"),
+    "bench": ("flipvqa.bench", "measure training and evaluation throughput (prints one JSON line)"),
+    "extract-features": ("flipvqa.features.extract", "extract CLIP ViT-L/14 frame features from video files"),
+    "ask": ("flipvqa.ask", "answer a multiple-choice question about a video file"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flipvqa", description=__doc__)
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = sub.add_parser("train", help="train Flipped-VQA (the authors' train.py flags)",
+                           description="Presets: " + ", ".join(PRESETS))
+    add_run_arguments(train)
+    train.set_defaults(func=_train)
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on a split and write predictions")
+    add_run_arguments(ev)
+    ev.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    ev.set_defaults(func=_eval)
+    for name, (module, help_text) in PLUGINS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(plugin=module)
+        if name in sys.argv[1:2]:  # only the chosen command's module is imported
+            _module(module).add_arguments(p)
+    return parser
+
+
+def _module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        raise FlipVQAError(f"this command needs the Python package '{exc.name}' "
+                           f"(pip install 'flipvqa[video]' or pip install {exc.name})") from None
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        sys_argv, sys.argv = sys.argv, [sys.argv[0], *argv]
+        try:
+            parser = build_parser()
+        finally:
+            sys.argv = sys_argv
+        ns = parser.parse_args(argv)
+        logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO,
+                            format="%(message)s", force=True)
+        run: Callable = ns.func if hasattr(ns, "func") else _module(ns.plugin).run
+        return run(ns)
+    except FlipVQAError as exc:
+        print(f"flipvqa: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flipvqa: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""``flipvqa train``: the reference's training recipe (SPEC.md section 8), read top to bottom.
+
+AdamW (0.9, 0.95) on the Flipped-VQA parts only, weight decay on tensors with ndim > 1,
+``lr = blr * effective_batch / 256``, per-iteration warm-up then cosine, gradient accumulation,
+validation after every epoch, ``checkpoint_best.pth`` by validation accuracy, ``log.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .checkpoints import save_checkpoint
+from .data.dataset import collate
+from .engine import accuracy_stats, eval_loader, score_split, train_one_epoch
+from .errors import FlipVQAError
+from .evaluate import write_predictions
+from .model.flipped import FlippedVQA
+from .runtime import autocast, build_dataset, build_model, init_distributed, load_trainable, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def make_optimizer(model: FlippedVQA, weight_decay: float, lr: float) -> torch.optim.AdamW:
+    """timm's rule, as the reference: no decay for 1-d tensors and biases. Empty groups are
+    left out and the order (no-decay first, parameters in model order) is the reference's, so
+    its optimizer state loads (all Flipped-VQA tensors are >= 2-d: one group in practice)."""
+    decay, no_decay = [], []
+    for name, p in model.trainable_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": ps, "weight_decay": wd} for ps, wd in ((no_decay, 0.0), (decay, weight_decay)) if ps]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train; returns {"best_acc", "best_epoch", "log": [per-epoch dicts], "output_dir"}."""
+    dist, device = init_distributed(args.device)
+    seed_everything(args.seed + dist.rank)
+    model, tokenizer = build_model(args, device)
+    train_set = build_dataset(args, tokenizer, "train", train=True)
+    val_set = build_dataset(args, tokenizer, "val", train=False)
+
+    eff_batch = args.batch_size * args.accum_iter * dist.world_size
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    log.info("lr %.3e (effective batch %d); %d train / %d val questions",
+             args.lr, eff_batch, len(train_set), len(val_set))
+
+    optimizer = make_optimizer(model, args.weight_decay, args.lr)
+    start_epoch = 0
+    if args.resume:
+        ckpt = load_trainable(model, args.resume)
+        if "optimizer" in ckpt and "epoch" in ckpt:
+            try:
+                optimizer.load_state_dict(ckpt["optimizer"])
+            except (ValueError, KeyError) as exc:
+                raise FlipVQAError(f"{args.resume}: its optimizer state does not fit this model ({exc})") from None
+            start_epoch = int(ckpt["epoch"]) + 1
+            log.info("resumed from %s at epoch %d", args.resume, start_epoch)
+    if start_epoch >= args.epochs:
+        log.warning("nothing to train: the checkpoint is at epoch %d and --epochs is %d", start_epoch - 1, args.epochs)
+
+    # The reference's sampler: shuffled once (seeded), the same order every epoch unless distributed.
+    sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                 seed=args.seed)
+    loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                        collate_fn=collate, pin_memory=device.type == "cuda", drop_last=False,
+                        persistent_workers=args.num_workers > 0)
+    val_loader = eval_loader(val_set, args.batch_size, args.num_workers, dist)
+    dtype = model.backbone.tok_embeddings.weight.dtype
+    amp = autocast(device, dtype)
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and dtype == torch.float16 else None
+
+    out = Path(args.output_dir)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    best_acc, best_epoch, history = 0.0, None, []
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.time()
+        if dist.enabled:
+            sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, loader, optimizer, epoch, args, device, amp, dist, scaler)
+        rows = score_split(model, val_loader, device, amp, dist, desc=f"val {epoch}")
+        val_stats = {"lr": optimizer.param_groups[0]["lr"], **_ordered(accuracy_stats(rows, args.dataset, args.batch_size))}
+        entry = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
+                 **{f"val_{k}": v for k, v in val_stats.items()}}
+        history.append(entry)
+        if dist.is_main:
+            if val_stats["acc"] > best_acc:
+                best_acc, best_epoch = val_stats["acc"], epoch
+                save_checkpoint(out / "checkpoint_best.pth", {
+                    "model": {k: v.cpu() for k, v in model.trainable_state_dict().items()},
+                    "optimizer": optimizer.state_dict(), "epoch": epoch,
+                    "scaler": scaler.state_dict() if scaler else {}, "args": args})
+                write_predictions(out / "predictions_val.jsonl", rows)
+            with open(out / "log.txt", "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+            log.info("epoch %d: loss %.4f (vqa %.4f, vaq %.4f, qav %.4f), val acc %.4f%s [%.0fs]", epoch,
+                     train_stats["loss"], train_stats["vqa_loss"], train_stats["vaq_loss"],
+                     train_stats["qav_loss"], val_stats["acc"], " (best)" if best_epoch == epoch else "",
+                     time.time() - t0)
+    return {"best_acc": best_acc, "best_epoch": best_epoch, "log": history, "output_dir": str(out)}
+
+
+def _ordered(stats: dict) -> dict:
+    """The reference's key order: the per-type values, then acc."""
+    acc = stats.pop("acc")
+    return {**stats, "acc": acc}

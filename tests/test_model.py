@@ -1,0 +1,85 @@
+"""The three training losses of every batch and every per-option validation score of the
+reference cases (to 1e-4), with the cases' random non-zero gates."""
+
+import pytest
+import torch
+
+from flipvqa import data
+from flipvqa.checkpoints import build_backbone
+from flipvqa.data.dataset import VQADataset, collate
+from flipvqa.model.flipped import FlipConfig, FlippedVQA
+from flipvqa.runtime import load_trainable
+
+from conftest import CASES, case_dir, expected
+
+
+def reference_model(name):
+    case = expected(name)["case"]
+    root = case_dir(name)
+    backbone = build_backbone(root / case["llama_model_path"] / case["model"], torch.device("cpu"))
+    cfg = FlipConfig(case["adapter_len"], case["adapter_layer"], case["max_feats"], case["bias"], case["tau"],
+                     vaq=True, qav=True)
+    model = FlippedVQA(backbone, cfg)
+    load_trainable(model, root / "checkpoint.pth")
+    return model.eval(), case
+
+
+def dataset(name, case, split, tokenizer):
+    records = data.load_split(case_dir(name) / case["data_path"], name, split, case["sub"])
+    return VQADataset(records, tokenizer, data.n_options(name), case["max_feats"], case["max_seq_len"], case["sub"],
+                      train=split == "train", tasks=("vqa", "vaq", "qav") if split == "train" else ("vqa",))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_losses_and_scores_match_reference(name, llama_tokenizer):
+    model, case = reference_model(name)
+    exp = expected(name)
+    train = dataset(name, case, "train", llama_tokenizer)
+    for batch in exp["train"]["batches"]:
+        with torch.no_grad():
+            vqa, vaq, qav = model(collate([train[i] for i in batch["index"]]))
+        assert vqa.item() == pytest.approx(batch["vqa_loss"], abs=1e-4)
+        assert vaq.item() == pytest.approx(batch["vaq_loss"], abs=1e-4)
+        assert qav.item() == pytest.approx(batch["qav_loss"], abs=1e-4)
+    val = dataset(name, case, "val", llama_tokenizer)
+    correct = 0
+    for batch in exp["val"]["batches"]:
+        scores = model.score_options(collate([val[i] for i in batch["index"]]))
+        torch.testing.assert_close(scores, torch.tensor(batch["scores"]), atol=1e-4, rtol=0)
+        assert scores.argmin(-1).tolist() == batch["prediction"]
+        correct += sum(int(p == val[i].record.answer) for p, i in zip(batch["prediction"], batch["index"]))
+    assert correct / len(val) == pytest.approx(exp["val"]["accuracy"])
+
+
+def test_padding_does_not_change_scores(llama_tokenizer):
+    model, case = reference_model("star")
+    val = dataset("star", case, "val", llama_tokenizer)
+    items = [val[i] for i in range(len(val))]
+    dynamic = model.score_options(collate(items))
+    padded = model.score_options(collate(items, pad_to=case["max_seq_len"]))
+    torch.testing.assert_close(dynamic, padded, atol=1e-5, rtol=0)
+
+
+def test_every_trainable_part_changes_the_scores(llama_tokenizer):
+    """Perturbing any trainable tensor moves the scores (none is silently unused)."""
+    model, case = reference_model("nextqa")
+    val = dataset("nextqa", case, "val", llama_tokenizer)
+    batch = collate([val[i] for i in range(2)])
+    base = model.score_options(batch)
+    for name, p in model.trainable_parameters():
+        with torch.no_grad():
+            saved = p.clone()
+            p.add_(0.5)
+            moved = (model.score_options(batch) - base).abs().max().item()
+            p.copy_(saved)
+        assert moved > 1e-6, name
+
+
+def test_qav_backward_reaches_all_trainable_parts(llama_tokenizer):
+    model, case = reference_model("vlep")
+    train = dataset("vlep", case, "train", llama_tokenizer)
+    model.train()
+    vqa, vaq, qav = model(collate([train[i] for i in range(2)]))
+    (vqa + vaq + qav).backward()
+    for name, p in model.trainable_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name

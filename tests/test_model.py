@@ -83,3 +83,51 @@ def test_qav_backward_reaches_all_trainable_parts(llama_tokenizer):
     (vqa + vaq + qav).backward()
     for name, p in model.trainable_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_prefix_shared_scoring_equals_full_sequences(name, llama_tokenizer):
+    model, case = reference_model(name)
+    val = dataset(name, case, "val", llama_tokenizer)
+    batch = collate([val[i] for i in range(len(val))])
+    tb = batch.tasks["vqa"]
+    n_opt = tb.ids.shape[0] // len(val)
+    assert model._shared_prefix(tb, len(val), n_opt) is not None  # the shared path is taken
+    fast = model.score_options(batch)
+    model.naive = True
+    naive = model.score_options(collate([val[i] for i in range(len(val))], pad_to=case["max_seq_len"]))
+    torch.testing.assert_close(fast, naive, atol=1e-5, rtol=0)
+
+
+def test_prefix_shared_scoring_with_options_of_different_lengths(llama_tokenizer):
+    """Options whose answer tokens differ in number still score as full sequences would."""
+    from flipvqa.prompts import Sequence
+
+    model, case = reference_model("nextqa")
+    val = dataset("nextqa", case, "val", llama_tokenizer)
+    items = [val[i] for i in range(3)]
+    for item in items:  # lengthen option 1's answer by two tokens
+        seqs = item.sequences["vqa"]
+        s = seqs[1]
+        seqs[1] = Sequence(s.ids[:-1] + [1576, 29889] + s.ids[-1:], s.label_start, s.video_start)
+    fast = model.score_options(collate(items))
+    model.naive = True
+    torch.testing.assert_close(fast, model.score_options(collate(items)), atol=1e-5, rtol=0)
+
+
+def test_training_losses_same_with_gradient_checkpointing(llama_tokenizer):
+    model, case = reference_model("tvqa")
+    train = dataset("tvqa", case, "train", llama_tokenizer)
+    batch = collate([train[i] for i in range(2)])
+    model.train()
+    plain = model(batch)
+    sum(plain).backward()
+    grads = [p.grad.clone() for _, p in model.trainable_parameters()]
+    model.zero_grad()
+    model.grad_checkpointing = True
+    ckpt = model(batch)
+    sum(ckpt).backward()
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b)
+    for g, (_, p) in zip(grads, model.trainable_parameters()):
+        torch.testing.assert_close(g, p.grad)

@@ -59,6 +59,8 @@ class RunConfig:
     num_workers: int = _opt(2, "data loader workers")
     device: Optional[str] = _opt(None, "cuda | cpu | cuda:N (default: cuda if available)")
     dtype: Optional[str] = _opt(None, "frozen backbone dtype: bf16 | fp16 | fp32 (default: the checkpoint's on GPU, fp32 on CPU)")
+    grad_checkpointing: bool = _opt(False, "recompute layer activations in the backward pass (less memory, ~30% slower)")
+    compile: bool = _opt(False, "torch.compile the backbone's layers (GPU; first steps are slow while it compiles)")
     preset: Optional[str] = _opt(None, "fill in one of the paper's runs: nextqa | star | dramaqa | vlep | tvqa")
 
 

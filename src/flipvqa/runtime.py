@@ -87,6 +87,10 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[Flipped
     model = FlippedVQA(backbone, cfg)
     for _, p in model.trainable_parameters():
         p.data = p.data.to(device=device, dtype=torch.float32)
+    model.grad_checkpointing = args.grad_checkpointing
+    if args.compile:
+        for layer in model.backbone.layers:
+            layer.compile(dynamic=True)  # sequence lengths vary from batch to batch
     return model, tokenizer
 
 

@@ -16,9 +16,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..data.dataset import Batch, TaskBatch
-from .llama import Transformer
+from .llama import Transformer, rope_cos_sin
 
 FEATURE_DIM = 768
 
@@ -58,6 +59,10 @@ class FlippedVQA(nn.Module):
         # A ModuleDict per layer so that the names read ``layers.{j}.attention.gate1``.
         self.layers = nn.ModuleList(
             nn.ModuleDict({"attention": AttentionGates(args.n_heads, cfg.bias)}) for _ in range(args.n_layers))
+        # naive: compute as the reference does (logits at every position, one full sequence per
+        # option) -- for benchmarks and as a cross-check; the numbers are the same.
+        self.naive = False
+        self.grad_checkpointing = False
 
     # One rule decides what trains and what a checkpoint holds.
     def trainable_state_dict(self) -> dict[str, Tensor]:
@@ -93,25 +98,44 @@ class FlippedVQA(nn.Module):
         return (rows[:, :, None] & cols[:, None, :])[:, None]
 
     def hidden(self, tb: TaskBatch, h: Tensor, video_bias: bool) -> Tensor:
-        """Run the layers; the last ``adapter_layer`` get the prompt and gates."""
-        n_layers = len(self.backbone.layers)
-        first_adapted = n_layers - self.cfg.adapter_layer
+        """Run the layers over whole sequences (causal; the video bias for VQA/VAQ)."""
         seqlen = h.shape[1]
         rope = self.backbone.rope(0, seqlen, h.device)
-        if video_bias:
-            causal = torch.full((seqlen, seqlen), float("-inf"), device=h.device).triu(1)
-            region = self._video_bias_region(tb, seqlen)
+        if not video_bias:
+            return self.run_layers(h, rope, lambda gate2: None)[0]
+        causal = torch.full((seqlen, seqlen), float("-inf"), device=h.device).triu(1)
+        region = self._video_bias_region(tb, seqlen)
+        return self.run_layers(h, rope, lambda gate2: causal + region * gate2.float())[0]
+
+    def run_layers(self, h: Tensor, rope, mask_for, past: Optional[list] = None, keep_kv: bool = False):
+        """The backbone's layers; the last ``adapter_layer`` get the prompt and the gates.
+
+        ``mask_for(gate2)`` gives a layer's additive mask from its video bias (None: causal).
+        ``past``: per-layer keys/values of a prefix; ``keep_kv`` returns this pass's.
+        """
+        n_layers = len(self.backbone.layers)
+        first_adapted = n_layers - self.cfg.adapter_layer
         prompts = self.adapter_query.weight.view(self.cfg.adapter_layer, self.cfg.adapter_len, -1)
+        kvs = []
         for j, layer in enumerate(self.backbone.layers):
+            layer_past = past[j] if past is not None else None
             if j < first_adapted:
                 if self.cfg.skip_unadapted_layers:
+                    kvs.append(None)
                     continue
-                h, _ = layer(h, rope)
-                continue
-            gates = self.layers[j]["attention"]
-            mask = causal + region * gates.gate2.float() if video_bias else None
-            h, _ = layer(h, rope, mask, prompts[j - first_adapted], gates.gate1.tanh())
-        return h
+                mask = None if layer_past is None else mask_for(torch.zeros_like(self.layers[j]["attention"].gate2))
+                h, kv = self._call(layer, h, rope, mask, None, None, layer_past)
+            else:
+                gates = self.layers[j]["attention"]
+                h, kv = self._call(layer, h, rope, mask_for(gates.gate2), prompts[j - first_adapted],
+                                   gates.gate1.tanh(), layer_past)
+            kvs.append(kv if keep_kv else None)
+        return h, kvs
+
+    def _call(self, layer, h, rope, mask, prompt, gate, past):
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, h, rope, mask, prompt, gate, past, use_reentrant=False)
+        return layer(h, rope, mask, prompt, gate, past)
 
     # ---------------------------------------------------------------- objectives
     def _token_targets(self, tb: TaskBatch) -> tuple[Tensor, Tensor, Tensor]:
@@ -125,7 +149,10 @@ class FlippedVQA(nn.Module):
         """Per-target cross-entropy (only target positions reach the vocabulary) and its rows."""
         h = self.hidden(tb, self.embed(tb, frames), video_bias=True)
         rows, pos, targets = self._token_targets(tb)
-        logits = self.backbone.output(self.backbone.norm(h[rows, pos])).float()
+        if self.naive:
+            logits = self.backbone.output(self.backbone.norm(h)).float()[rows, pos]
+        else:  # only target positions reach the vocabulary
+            logits = self.backbone.output(self.backbone.norm(h[rows, pos])).float()
         return F.cross_entropy(logits, targets, reduction="none"), rows
 
     def qav_loss(self, tb: TaskBatch, frames: Tensor, projected: Tensor) -> Tensor:
@@ -151,13 +178,86 @@ class FlippedVQA(nn.Module):
 
     @torch.no_grad()
     def score_options(self, batch: Batch) -> Tensor:
-        """Mean cross-entropy of each option's answer tokens, (batch, n_options); lower is better."""
+        """Mean cross-entropy of each option's answer tokens, (batch, n_options); lower is better.
+
+        The option sequences of a question are equal up to the answer; their common prefix
+        (instruction, video, dialogue, question, choices) runs once, and the option suffixes
+        attend to its keys/values. ``naive`` runs every option as a full sequence instead.
+        """
         tb = batch.tasks["vqa"]
         n_q = batch.video.shape[0]
         n_opt = tb.ids.shape[0] // n_q
         frames = self.project_video(batch.video) + self.temporal_emb.weight[None]
-        frames = frames.repeat_interleave(n_opt, dim=0)
-        losses, rows = self.token_losses(tb, frames)
-        total = torch.zeros(tb.ids.shape[0], device=losses.device).index_add_(0, rows, losses)
-        count = torch.zeros_like(total).index_add_(0, rows, torch.ones_like(losses))
-        return (total / count).view(n_q, n_opt)
+        if not self.naive:
+            split = self._shared_prefix(tb, n_q, n_opt)
+            if split is not None:
+                return self._score_with_prefix(tb, frames, split, n_q, n_opt)
+        losses, rows = self.token_losses(tb, frames.repeat_interleave(n_opt, dim=0))
+        return _mean_per_row(losses, rows, tb.ids.shape[0]).view(n_q, n_opt)
+
+    def _shared_prefix(self, tb: TaskBatch, n_q: int, n_opt: int) -> Optional[Tensor]:
+        """Per question, the number of leading tokens its options share and that no target
+        needs as output (up to the first target's predecessor); None if the video is not in it."""
+        ids = tb.ids.view(n_q, n_opt, -1)
+        first_target = tb.label_start.view(n_q, n_opt).min(dim=1).values - 1  # its hidden state is needed
+        same = (ids == ids[:, :1]).all(dim=1).long()  # (n_q, seq)
+        common = same.cumprod(dim=1).sum(dim=1)
+        split = torch.minimum(first_target, common)
+        video_end = tb.video_start.view(n_q, n_opt).max(dim=1).values + self.cfg.max_feats
+        if bool((split < video_end).any()):
+            return None
+        return split
+
+    def _score_with_prefix(self, tb: TaskBatch, frames: Tensor, split: Tensor, n_q: int, n_opt: int) -> Tensor:
+        device = tb.ids.device
+        ids = tb.ids.view(n_q, n_opt, -1)
+        p_len = int(split.max())
+        # 1) the shared prefixes, right-padded; their keys/values are kept per layer
+        first = TaskBatch(ids[:, 0, :p_len], tb.label_start.view(n_q, n_opt)[:, 0], split,
+                          tb.video_start.view(n_q, n_opt)[:, 0])
+        h = self.embed(first, frames)
+        causal = torch.full((p_len, p_len), float("-inf"), device=device).triu(1)
+        region = self._video_bias_region(first, p_len)
+        _, past = self.run_layers(h, self.backbone.rope(0, p_len, device),
+                                  lambda gate2: causal + region * gate2.float(), keep_kv=True)
+        # 2) every option's suffix, options side by side in one row per question
+        lengths = tb.length.view(n_q, n_opt)
+        s_len = int((lengths - split[:, None]).max())
+        t = torch.arange(s_len, device=device)
+        src = (split[:, None, None] + t).clamp(max=ids.shape[2] - 1)  # (n_q, 1, s_len)
+        suffix = ids.gather(2, src.expand(n_q, n_opt, s_len))  # (n_q, n_opt, s_len)
+        positions = (split[:, None] + t).repeat(1, n_opt)  # (n_q, n_opt * s_len)
+        h = self.backbone.tok_embeddings(suffix.reshape(n_q, -1))
+        rope = rope_cos_sin(self.backbone.inv_freq, positions)
+        # keys: the question's prefix (valid up to its split; video columns get the bias),
+        # then the suffixes (causal within the same option)
+        kpos = torch.arange(p_len, device=device)
+        prefix_ok = kpos[None, :] < split[:, None]  # (n_q, p_len)
+        vstart = first.video_start[:, None]
+        prefix_video = (kpos[None, :] >= vstart) & (kpos[None, :] < vstart + self.cfg.max_feats)
+        q_opt = torch.arange(n_opt, device=device).repeat_interleave(s_len)
+        q_t = t.repeat(n_opt)
+        suffix_ok = (q_opt[:, None] == q_opt[None, :]) & (q_t[None, :] <= q_t[:, None])  # (q, k)
+        q_count = n_opt * s_len
+        allowed = torch.cat([prefix_ok[:, None, :].expand(n_q, q_count, p_len),
+                             suffix_ok[None].expand(n_q, q_count, q_count)], dim=2)
+        base = torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))[:, None]
+        video_cols = torch.cat([prefix_video, torch.zeros(n_q, q_count, dtype=torch.bool, device=device)], dim=1)
+        video_cols = video_cols[:, None, None, :]  # (n_q, 1, 1, keys): every suffix query follows the video
+        h, _ = self.run_layers(h, rope, lambda gate2: base + video_cols * gate2.float(), past=past)
+        # 3) targets: option k's tokens from its label start, predicted one position earlier
+        h = h.view(n_q, n_opt, s_len, -1)
+        label_start = tb.label_start.view(n_q, n_opt)
+        pos = split[:, None, None] + t  # absolute position of suffix slot t
+        is_target_input = (pos >= label_start[..., None] - 1) & (pos < lengths[..., None] - 1)
+        qi, oi, ti = is_target_input.nonzero(as_tuple=True)
+        targets = suffix[qi, oi, (ti + 1)]
+        logits = self.backbone.output(self.backbone.norm(h[qi, oi, ti])).float()
+        losses = F.cross_entropy(logits, targets, reduction="none")
+        return _mean_per_row(losses, qi * n_opt + oi, n_q * n_opt).view(n_q, n_opt)
+
+
+def _mean_per_row(values: Tensor, rows: Tensor, n_rows: int) -> Tensor:
+    total = torch.zeros(n_rows, device=values.device).index_add_(0, rows, values)
+    count = torch.zeros(n_rows, device=values.device).index_add_(0, rows, torch.ones_like(values))
+    return total / count

@@ -86,16 +86,19 @@ def rope_frequencies(args: ModelArgs) -> Tensor:
 
 
 def rope_cos_sin(inv_freq: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-    """cos/sin tables ``(seq, head_dim // 2)`` in float32 for the given positions."""
-    angles = torch.outer(positions.float(), inv_freq.to(positions.device))
+    """cos/sin tables ``(*positions.shape, head_dim // 2)`` in float32."""
+    angles = positions.float()[..., None] * inv_freq.to(positions.device)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved pairs of ``x`` (batch, seq, heads, head_dim) in float32."""
+    """Rotate interleaved pairs of ``x`` (batch, seq, heads, head_dim) in float32. ``cos``/``sin``
+    are (seq, head_dim/2), or (batch, seq, head_dim/2) for per-row positions."""
     xf = x.float().unflatten(-1, (-1, 2))  # (batch, seq, heads, head_dim/2, 2)
     even, odd = xf[..., 0], xf[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     out = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return out.flatten(-2).type_as(x)
 
@@ -136,7 +139,7 @@ class Attention(nn.Module):
         ``prompt`` (prompt_len, dim): extra key/value rows without rotary, attended with their own
         softmax and scaled per head by ``prompt_gate`` (1, heads, 1, 1).
         ``past_kv``: keys/values (batch, kv_heads, past, head_dim) of an earlier prefix, already
-        rotated; ``x`` then continues at position ``past``.
+        rotated; they come before ``x``'s keys (``rope`` and ``mask`` must say where ``x`` sits).
         Returns the output and this call's full keys/values (for reuse as a prefix).
         """
         bsz, seqlen, _ = x.shape
@@ -147,8 +150,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (batch, heads, seq, head_dim)
         if past_kv is not None:
-            k = torch.cat([past_kv[0].expand(bsz, -1, -1, -1), k], dim=2)
-            v = torch.cat([past_kv[1].expand(bsz, -1, -1, -1), v], dim=2)
+            k = torch.cat([past_kv[0], k], dim=2)
+            v = torch.cat([past_kv[1], v], dim=2)
         present = (k, v)
         gqa = self.n_kv_heads != self.n_heads
         if mask is None:

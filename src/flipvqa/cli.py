@@ -52,7 +52,9 @@ PLUGINS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Optional[list[str]] = None) -> argparse.ArgumentParser:
+    """The parser; a plugin command's own flags are added only when ``argv`` runs it."""
+    command = next((a for a in (argv or []) if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(prog="flipvqa", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in PLUGINS.items():
         p = sub.add_parser(name, help=help_text)
         p.set_defaults(plugin=module)
-        if name in sys.argv[1:2]:  # only the chosen command's module is imported
+        if name == command:  # only the chosen command's module is imported
             _module(module).add_arguments(p)
     return parser
 
@@ -83,12 +85,7 @@ def _module(name: str):
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        sys_argv, sys.argv = sys.argv, [sys.argv[0], *argv]
-        try:
-            parser = build_parser()
-        finally:
-            sys.argv = sys_argv
-        ns = parser.parse_args(argv)
+        ns = build_parser(argv).parse_args(argv)
         logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO,
                             format="%(message)s", force=True)
         run: Callable = ns.func if hasattr(ns, "func") else _module(ns.plugin).run

@@ -26,8 +26,8 @@ class RunConfig:
     # model
     model: str = _opt("7B", "backbone folder under --llama_model_path (or a path / Hugging Face folder or hub id)")
     llama_model_path: str = _opt("./pretrained/llama/", "folder holding the backbone folder and tokenizer.model")
-    tokenizer_path: Optional[str] = _opt(None, "tokenizer file (default: <llama_model_path>/tokenizer.model, "
-                                               "else the backbone folder's own tokenizer)")
+    tokenizer_path: Optional[str] = _opt(None, "tokenizer file (default: the backbone folder's own, "
+                                               "else <llama_model_path>/tokenizer.model)")
     adapter_len: int = _opt(10, "adaption prompt rows per adapted layer")
     adapter_layer: Optional[int] = _opt(None, "adapt the last N layers (default: all layers)")
     skip_unadapted_layers: bool = _opt(False, "run only the adapted layers, as the reference does "
@@ -121,16 +121,26 @@ def resolve(ns: argparse.Namespace) -> argparse.Namespace:
 
 
 def backbone_folder(args: argparse.Namespace) -> Path:
-    """``--model`` names a folder under ``--llama_model_path``, or is itself a path."""
+    """``--model`` names a folder under ``--llama_model_path``, or is itself a path, or a
+    Hugging Face hub id (``owner/name``, fetched when online)."""
+    under = Path(args.llama_model_path) / args.model
+    if under.is_dir():
+        return under
     direct = Path(args.model)
-    if direct.is_dir() and (os.sep in args.model or not (Path(args.llama_model_path) / args.model).is_dir()):
+    if direct.is_dir():
         return direct
-    return Path(args.llama_model_path) / args.model
+    if args.model.count("/") == 1 and not args.model.startswith((".", "/")):
+        from .checkpoints.hf import resolve_backbone
+
+        return resolve_backbone(args.model)
+    return under  # reported as missing by the loader
 
 
 def default_tokenizer_path(llama_model_path: str, model: str) -> str:
-    shared = Path(llama_model_path) / "tokenizer.model"
-    if shared.is_file():
-        return str(shared)
-    own = Path(model) if Path(model).is_dir() else Path(llama_model_path) / model
-    return str(own)  # load_tokenizer searches the folder for tokenizer.model / tokenizer.json
+    """The backbone folder's own tokenizer (Hugging Face folders have one), else Meta's shared
+    ``<llama_model_path>/tokenizer.model``."""
+    for folder in (Path(llama_model_path) / model, Path(model)):
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if (folder / name).is_file():
+                return str(folder / name)
+    return str(Path(llama_model_path) / "tokenizer.model")

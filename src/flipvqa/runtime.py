@@ -15,7 +15,7 @@ import torch.distributed as torch_dist
 
 from . import data
 from .checkpoints import build_backbone, check_weights, load_checkpoint
-from .config import backbone_folder
+from .config import backbone_folder, default_tokenizer_path
 from .data.dataset import VQADataset
 from .errors import FlipVQAError
 from .model.flipped import FlipConfig, FlippedVQA
@@ -69,11 +69,14 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 def build_model(args: argparse.Namespace, device: torch.device) -> tuple[FlippedVQA, Tokenizer]:
     """Backbone (frozen) + Flipped-VQA parts (float32) on ``device``, and the tokenizer."""
+    folder = backbone_folder(args)
+    if not Path(args.tokenizer_path).exists():  # e.g. a hub id, whose files arrived just now
+        args.tokenizer_path = default_tokenizer_path(str(folder), "")
     tokenizer = load_tokenizer(args.tokenizer_path)
     dtype = DTYPES[args.dtype] if args.dtype else None
     if dtype is not None and device.type == "cpu" and dtype != torch.float32:
         log.warning("--dtype %s on CPU is slow; float32 is the default there", args.dtype)
-    backbone = build_backbone(backbone_folder(args), device, dtype)
+    backbone = build_backbone(folder, device, dtype)
     if tokenizer.n_words > backbone.args.vocab_size:
         raise FlipVQAError(f"{args.tokenizer_path}: {tokenizer.n_words} tokens, more than the backbone's "
                            f"vocabulary of {backbone.args.vocab_size}")

@@ -84,3 +84,17 @@ def _load(path):
     from flipvqa.checkpoints import load_checkpoint
 
     return load_checkpoint(path)
+
+
+def test_eval_under_torchrun_scores_every_question_once(tmp_path):
+    flags = case_flags("nextqa", resume=case_dir("nextqa") / "checkpoint.pth", output_dir=tmp_path, batch_size=3)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "-m", "flipvqa", "eval", *flags], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = read_jsonl(tmp_path / "predictions_val.jsonl")
+    exp = expected("nextqa")["val"]
+    assert [r["index"] for r in rows] == list(range(8))
+    want = {i: s for b in exp["batches"] for i, s in zip(b["index"], b["scores"])}
+    for r in rows:
+        assert r["scores"] == pytest.approx(want[r["index"]], abs=1e-4)
+    assert run.stdout.count("accuracy:") == 1

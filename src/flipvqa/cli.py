@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from typing import Callable, Optional
 
@@ -31,6 +32,8 @@ def _eval(ns: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
     result = evaluate(resolve(ns))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     if getattr(ns, "json", False):
         print(json.dumps(result))
         return 0
@@ -86,8 +89,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         ns = build_parser(argv).parse_args(argv)
-        logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO,
-                            format="%(message)s", force=True)
+        worker = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 talks
+        level = logging.ERROR if worker else logging.WARNING if ns.quiet else logging.INFO
+        logging.basicConfig(level=level, format="%(message)s", force=True)
         run: Callable = ns.func if hasattr(ns, "func") else _module(ns.plugin).run
         return run(ns)
     except FlipVQAError as exc:

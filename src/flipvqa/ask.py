@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .config import add_run_arguments, resolve
 from .data.dataset import Item, collate
-from .data.records import Record, sample_frames as sample_slots
+from .data.records import Record, frames_to_slots
 from .data.subtitles import tvqa_dialogue
 from .errors import FlipVQAError
 from .prompts import TASKS, encode_sample, normalize_question, prompt_text
@@ -114,7 +114,7 @@ class Answerer:
         text = prompt_text(record.question, record.options, dialogue)
         seqs = encode_sample(self.tokenizer, text, 0, len(choices), self.args.max_feats, self.args.max_seq_len,
                              sub, ("vqa",), all_options=True)
-        slots, video_len = sample_slots(features, self.args.max_feats)
+        slots, video_len = frames_to_slots(features, self.args.max_feats)
         batch = collate([Item(record, slots, video_len, seqs)]).to(self.device)
         with autocast(self.device, self.model.backbone.tok_embeddings.weight.dtype):
             scores = self.model.score_options(batch)[0].float().cpu()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterable, Optional
 
@@ -113,7 +114,7 @@ def eval_loader(dataset, batch_size: int, num_workers: int, dist: Dist, pad_to: 
     indices = list(range(dist.rank, len(dataset), dist.world_size))
     subset = torch.utils.data.Subset(dataset, indices)
     return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=lambda items: collate(items, pad_to))
+                      collate_fn=functools.partial(collate, pad_to=pad_to))
 
 
 def accuracy_stats(rows: list[dict], dataset: str, batch_size: int, seed: int = 0) -> dict[str, float]:

@@ -116,8 +116,10 @@ def load_trainable(model: FlippedVQA, path: str | Path) -> dict:
 def build_dataset(args: argparse.Namespace, tokenizer: Tokenizer, split: str, train: bool,
                   features: Optional[dict] = None) -> VQADataset:
     records = data.load_split(args.data_path, args.dataset, split, args.sub, features)
+    # Training encodes only the objectives that are on; evaluation scores with VQA alone.
+    tasks = tuple(t for t in TASKS if t == "vqa" or getattr(args, t)) if train else ("vqa",)
     return VQADataset(records, tokenizer, data.n_options(args.dataset), args.max_feats, args.max_seq_len,
-                      args.sub, train=train, tasks=TASKS if train else ("vqa",), name=f"{args.dataset} {split}")
+                      args.sub, train=train, tasks=tasks, name=f"{args.dataset} {split}")
 
 
 def seed_everything(seed: int) -> None:

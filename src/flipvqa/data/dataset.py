@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..prompts import TASKS, Sequence, encode_sample, prompt_text
 from ..tokenizer import Tokenizer
-from .records import Record, sample_frames
+from .records import Record, frames_to_slots
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class VQADataset(Dataset):
 
     def __getitem__(self, i: int) -> Item:
         rec = self.records[i]
-        video, video_len = sample_frames(rec.frames, self.max_feats)
+        video, video_len = frames_to_slots(rec.frames, self.max_feats)
         return Item(rec, video, video_len, self.encoded[i])
 
 

@@ -99,7 +99,7 @@ def load_features(path: Path) -> dict[str, Tensor]:
     return {str(k): v for k, v in features.items()}
 
 
-def sample_frames(frames: Optional[Tensor], max_feats: int) -> tuple[Tensor, int]:
+def frames_to_slots(frames: Optional[Tensor], max_feats: int) -> tuple[Tensor, int]:
     """Exactly ``max_feats`` rows: uniform rows ``(j*n)//max_feats`` of a longer video, zero rows
     after a shorter one. A missing video is one zero row. Returns (rows, video_len)."""
     if frames is None:

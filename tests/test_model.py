@@ -30,21 +30,24 @@ def dataset(name, case, split, tokenizer):
                       train=split == "train", tasks=("vqa", "vaq", "qav") if split == "train" else ("vqa",))
 
 
+@pytest.mark.parametrize("naive", [False, True], ids=["fast", "naive"])
 @pytest.mark.parametrize("name", CASES)
-def test_losses_and_scores_match_reference(name, llama_tokenizer):
+def test_losses_and_scores_match_reference(name, naive, llama_tokenizer):
     model, case = reference_model(name)
+    model.naive = naive  # the reference's computation (padding to max_seq_len, all logits, ...)
+    pad_to = case["max_seq_len"] if naive else None
     exp = expected(name)
     train = dataset(name, case, "train", llama_tokenizer)
     for batch in exp["train"]["batches"]:
         with torch.no_grad():
-            vqa, vaq, qav = model(collate([train[i] for i in batch["index"]]))
+            vqa, vaq, qav = model(collate([train[i] for i in batch["index"]], pad_to))
         assert vqa.item() == pytest.approx(batch["vqa_loss"], abs=1e-4)
         assert vaq.item() == pytest.approx(batch["vaq_loss"], abs=1e-4)
         assert qav.item() == pytest.approx(batch["qav_loss"], abs=1e-4)
     val = dataset(name, case, "val", llama_tokenizer)
     correct = 0
     for batch in exp["val"]["batches"]:
-        scores = model.score_options(collate([val[i] for i in batch["index"]]))
+        scores = model.score_options(collate([val[i] for i in batch["index"]], pad_to))
         torch.testing.assert_close(scores, torch.tensor(batch["scores"]), atol=1e-4, rtol=0)
         assert scores.argmin(-1).tolist() == batch["prediction"]
         correct += sum(int(p == val[i].record.answer) for p, i in zip(batch["prediction"], batch["index"]))

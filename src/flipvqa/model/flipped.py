@@ -59,10 +59,20 @@ class FlippedVQA(nn.Module):
         # A ModuleDict per layer so that the names read ``layers.{j}.attention.gate1``.
         self.layers = nn.ModuleList(
             nn.ModuleDict({"attention": AttentionGates(args.n_heads, cfg.bias)}) for _ in range(args.n_layers))
-        # naive: compute as the reference does (logits at every position, one full sequence per
-        # option) -- for benchmarks and as a cross-check; the numbers are the same.
-        self.naive = False
+        self._naive = False
         self.grad_checkpointing = False
+
+    @property
+    def naive(self) -> bool:
+        """Compute as the reference does: logits at every position, one full sequence per option,
+        hand-written attention. For benchmarks and cross-checks; the numbers are the same."""
+        return self._naive
+
+    @naive.setter
+    def naive(self, value: bool) -> None:
+        self._naive = value
+        for layer in self.backbone.layers:
+            layer.attention.naive = value
 
     # One rule decides what trains and what a checkpoint holds.
     def trainable_state_dict(self) -> dict[str, Tensor]:

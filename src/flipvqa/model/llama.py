@@ -123,6 +123,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        # naive: the reference's hand-written attention (one score matrix over prompt and sequence,
+        # mask add, two softmaxes) instead of the fused kernel; for benchmarks, same numbers.
+        self.naive = False
 
     def forward(
         self,
@@ -154,6 +157,9 @@ class Attention(nn.Module):
             v = torch.cat([past_kv[1], v], dim=2)
         present = (k, v)
         gqa = self.n_kv_heads != self.n_heads
+        if self.naive:
+            out = self._naive_attention(q, k, v, mask, prompt, prompt_gate)
+            return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1)), present
         if mask is None:
             assert past_kv is None, "a prefix needs an explicit mask"
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -163,6 +169,28 @@ class Attention(nn.Module):
             out = out + self._prompt_attention(q, prompt, prompt_gate)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
         return self.wo(out), present
+
+    def _naive_attention(self, q, k, v, mask, prompt, gate) -> Tensor:
+        rep = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        seqlen, keys = q.shape[2], k.shape[2]
+        if mask is None:
+            mask = torch.full((seqlen, keys), float("-inf"), device=q.device).triu(keys - seqlen + 1)
+        plen = 0
+        if prompt is not None:
+            plen = prompt.shape[0]
+            pk = self.wk(prompt).view(1, plen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            pv = self.wv(prompt).view(1, plen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            pk, pv = pk.repeat_interleave(rep, dim=1), pv.repeat_interleave(rep, dim=1)
+            k = torch.cat([pk.expand(q.shape[0], -1, -1, -1).to(k.dtype), k], dim=2)
+            v = torch.cat([pv.expand(q.shape[0], -1, -1, -1).to(v.dtype), v], dim=2)
+        scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(self.head_dim)
+        seq_scores = scores[..., plen:] + mask
+        probs = F.softmax(seq_scores.float(), dim=-1).to(q.dtype)
+        if prompt is not None:
+            p_probs = F.softmax(scores[..., :plen].float(), dim=-1) * gate.float()
+            probs = torch.cat([p_probs.to(q.dtype), probs], dim=-1)
+        return torch.matmul(probs, v)
 
     def _prompt_attention(self, q: Tensor, prompt: Tensor, gate: Tensor) -> Tensor:
         # The prompt rows get a softmax of their own (not shared with the sequence), as in

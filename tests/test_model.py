@@ -134,3 +134,22 @@ def test_training_losses_same_with_gradient_checkpointing(llama_tokenizer):
         torch.testing.assert_close(a, b)
     for g, (_, p) in zip(grads, model.trainable_parameters()):
         torch.testing.assert_close(g, p.grad)
+
+
+def test_bf16_backbone_scores_close_to_float32(llama_tokenizer):
+    """Frozen weights in bf16 with autocast (the GPU path, here on the CPU) stay near float32."""
+    from flipvqa.runtime import autocast
+
+    case = expected("star")["case"]
+    root = case_dir("star")
+    backbone = build_backbone(root / case["llama_model_path"] / case["model"], torch.device("cpu"), torch.bfloat16)
+    model = FlippedVQA(backbone, FlipConfig(case["adapter_len"], case["adapter_layer"], case["max_feats"],
+                                            case["bias"], case["tau"], vaq=True, qav=True))
+    load_trainable(model, root / "checkpoint.pth")
+    assert model.backbone.tok_embeddings.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for _, p in model.trainable_parameters())
+    val = dataset("star", case, "val", llama_tokenizer)
+    with autocast(torch.device("cpu"), torch.bfloat16):
+        scores = model.eval().score_options(collate([val[i] for i in range(len(val))]))
+    want = torch.tensor([s for b in expected("star")["val"]["batches"] for s in b["scores"]])
+    torch.testing.assert_close(scores.float(), want, atol=0.1, rtol=0)

@@ -61,9 +61,10 @@ def init_distributed(device: Optional[str]) -> tuple[Dist, torch.device]:
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision on GPU (the frozen weights' dtype); exact float32 on CPU."""
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast("cuda", dtype=dtype)
+    """Mixed precision in the frozen weights' dtype (bf16/fp16), so that the float32 trainable
+    parts meet them in matmuls; plain float32 (the default on CPU) runs without autocast."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(device.type, dtype=dtype)
     return contextlib.nullcontext()
 
 

@@ -159,10 +159,14 @@ class FlippedVQA(nn.Module):
         """Per-target cross-entropy (only target positions reach the vocabulary) and its rows."""
         h = self.hidden(tb, self.embed(tb, frames), video_bias=True)
         rows, pos, targets = self._token_targets(tb)
-        if self.naive:
-            logits = self.backbone.output(self.backbone.norm(h)).float()[rows, pos]
-        else:  # only target positions reach the vocabulary
-            logits = self.backbone.output(self.backbone.norm(h[rows, pos])).float()
+        if self.naive:  # the reference: logits and cross-entropy at every position, non-targets ignored
+            labels = torch.full(tb.ids.shape, -100, dtype=torch.long, device=h.device)
+            labels[rows, pos] = targets
+            logits = self.backbone.output(self.backbone.norm(h)).float()
+            losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+            return losses.view_as(labels)[rows, pos], rows
+        # only target positions reach the vocabulary
+        logits = self.backbone.output(self.backbone.norm(h[rows, pos])).float()
         return F.cross_entropy(logits, targets, reduction="none"), rows
 
     def qav_loss(self, tb: TaskBatch, frames: Tensor, projected: Tensor) -> Tensor:

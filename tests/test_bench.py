@@ -1,0 +1,61 @@
+"""``flipvqa bench`` on the tiny real backbone (2 layers, dim 16) and synthetic questions."""
+
+import argparse
+import json
+
+import pytest
+
+from flipvqa import bench
+from flipvqa.cli import main
+
+from conftest import REF
+
+FLAGS = ["--llama_model_path", str(REF / "llama"), "--model", "tiny", "--vaq", "--qav", "--device", "cpu",
+         "--steps", "2", "--warmup", "1", "--synthetic", "16", "--batch_size", "4", "--max_seq_len", "128"]
+RATES = ("train_samples_per_s", "eval_questions_per_s", "tokens_per_s", "model_tflops_per_s",
+         "matmul_peak_gflops", "fraction_of_matmul_peak")
+
+
+def run_bench(capsys, *extra: str) -> dict:
+    assert main(["bench", *FLAGS, *extra]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, "bench prints exactly one line on stdout"
+    return json.loads(lines[0])
+
+
+@pytest.mark.parametrize("naive", [False, True], ids=["fast", "naive"])
+def test_bench_prints_one_json_line_with_positive_figures(capsys, naive):
+    result = run_bench(capsys, *(["--naive"] if naive else []))
+    for key in RATES:
+        assert result[key] > 0, key
+    for key in ("peak_memory_mb", "train_peak_memory_mb", "eval_peak_memory_mb"):
+        assert result[key] >= 0, key
+    assert "RSS" in result["memory_note"]
+    cfg = result["config"]
+    assert cfg["mode"] == ("naive" if naive else "fast")
+    assert (cfg["dim"], cfg["n_layers"], cfg["n_heads"]) == (16, 2, 2)
+    assert (cfg["batch_size"], cfg["max_seq_len"], cfg["device"]) == (4, 128, "cpu")
+    assert cfg["objectives"] == ["vqa", "vaq", "qav"] and cfg["data"] == "synthetic 16"
+    assert cfg["torch"] and cfg["threads"] >= 1
+
+
+def test_compare_children_get_the_same_flags():
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    ns = parser.parse_args([*FLAGS, "--compare", "--lr", "0.5"])
+    again = parser.parse_args(bench.child_argv(ns)[1:])
+    assert not again.compare and not again.naive
+    for key, value in vars(ns).items():
+        if key != "compare":
+            assert getattr(again, key) == value, key
+
+
+def test_synthetic_records_are_nextqa_like_and_seeded():
+    a, b = bench.synthetic_records(8, seed=3), bench.synthetic_records(8, seed=3)
+    assert [r.question for r in a] == [r.question for r in b]
+    assert all((ra.frames == rb.frames).all() for ra, rb in zip(a, b))
+    for r in a:
+        assert 8 <= len(r.question.split()) <= 12 and r.question.endswith("?")
+        assert len(r.options) == 5 and all(2 <= len(o.split()) <= 5 for o in r.options)
+        assert 10 <= r.frames.shape[0] <= 20 and r.frames.shape[1] == 768
+    assert bench.synthetic_records(8, seed=4)[0].question != a[0].question

@@ -31,7 +31,7 @@ from .data.dataset import Item, collate
 from .data.records import Record, frames_to_slots
 from .data.subtitles import tvqa_dialogue
 from .errors import FlipVQAError
-from .prompts import TASKS, encode_sample, normalize_question, prompt_text
+from .prompts import encode_sample, normalize_question, prompt_text
 from .runtime import autocast, build_model, init_distributed, load_trainable
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,6 @@ def frame_attention(model, batch, option: int) -> list[float]:
     """How much the chosen answer's tokens attend to each video slot in the last layer
     (the sequence softmax, averaged over heads and answer tokens)."""
     tb = batch.tasks["vqa"]
-    n_opt = tb.ids.shape[0] // batch.video.shape[0]
     row = slice(option, option + 1)
     from .data.dataset import TaskBatch
 

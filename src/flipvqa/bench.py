@@ -61,7 +61,7 @@ from .config import RunConfig, add_run_arguments, resolve
 from .data.dataset import Batch, Item, VQADataset, collate
 from .data.records import FEATURE_DIM, Record
 from .errors import FlipVQAError
-from .model.flipped import FlipConfig, FlippedVQA
+from .model.flipped import FlippedVQA
 from .model.llama import PRESETS, Transformer, rope_frequencies
 from .prompts import normalize_question
 from .runtime import (
@@ -71,6 +71,7 @@ from .runtime import (
     build_model,
     init_distributed,
     seed_everything,
+    wrap_backbone,
 )
 from .tokenizer import Tokenizer, load_tokenizer
 from .train import make_optimizer
@@ -242,16 +243,7 @@ def bench_model(args: argparse.Namespace, device: torch.device) -> tuple[Flipped
     else:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backbone = random_backbone(args.model, tokenizer.n_words, device, dtype, args.seed)
-    n_layers = backbone.args.n_layers
-    adapter_layer = args.adapter_layer or n_layers
-    if adapter_layer > n_layers:
-        raise FlipVQAError(f"--adapter_layer {adapter_layer} is larger than {args.model}'s {n_layers} layers")
-    cfg = FlipConfig(adapter_len=args.adapter_len, adapter_layer=adapter_layer, max_feats=args.max_feats,
-                     bias=args.bias, tau=args.tau, vaq=args.vaq, qav=args.qav,
-                     skip_unadapted_layers=args.skip_unadapted_layers)
-    model = FlippedVQA(backbone, cfg)
-    for _, p in model.trainable_parameters():
-        p.data = p.data.to(device=device, dtype=torch.float32)
+    model = wrap_backbone(backbone, args, device)
     return model, tokenizer, "random weights"
 
 

@@ -81,6 +81,11 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[Flipped
     if tokenizer.n_words > backbone.args.vocab_size:
         raise FlipVQAError(f"{args.tokenizer_path}: {tokenizer.n_words} tokens, more than the backbone's "
                            f"vocabulary of {backbone.args.vocab_size}")
+    return wrap_backbone(backbone, args, device), tokenizer
+
+
+def wrap_backbone(backbone, args: argparse.Namespace, device: torch.device) -> FlippedVQA:
+    """The Flipped-VQA parts (float32) around a frozen backbone, as the run options say."""
     adapter_layer = args.adapter_layer or backbone.args.n_layers
     if adapter_layer > backbone.args.n_layers:
         raise FlipVQAError(f"--adapter_layer {adapter_layer} is larger than the backbone's "
@@ -95,7 +100,7 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[Flipped
     if args.compile:
         for layer in model.backbone.layers:
             layer.compile(dynamic=True)  # sequence lengths vary from batch to batch
-    return model, tokenizer
+    return model
 
 
 def load_trainable(model: FlippedVQA, path: str | Path) -> dict:

@@ -58,3 +58,20 @@ def test_ask_needs_a_clip_model_for_a_video(tmp_path, capsys):
     status = main(["ask", str(video), "--question", "why", "--choices", "a", "b", "--resume", str(CHECKPOINT),
                    "--device", "cpu", *BACKBONE])
     assert status == 2 and "--clip_model" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # trains the --quick demo first
+def test_ask_on_the_demo_model_with_a_generated_video(tmp_path, tiny_clip, capsys):
+    """The demo's backbone and checkpoint (a --quick run) answer about a video file."""
+    assert main(["-q", "demo", "--quick", "--output_dir", str(tmp_path / "demo")]) == 0
+    capsys.readouterr()
+    checkpoint = tmp_path / "demo" / "flipped-vqa" / "checkpoint_best.pth"
+    video = make_video(tmp_path / "clip.mp4", 150, noise=True)  # 6 s
+    png = tmp_path / "explain.png"
+    choices = ["cooking", "dancing", "running", "swimming", "sleeping"]
+    assert main(["ask", str(video), "--question", "what does the person do at the end of the video?",
+                 "--choices", *choices, "--resume", str(checkpoint), "--clip_model", str(tiny_clip),
+                 "--explain", str(png), "--json", "--device", "cpu"]) == 0
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert answer["n_frames"] == 6 and {r["choice"] for r in answer["ranked"]} == set(choices)
+    assert png.read_bytes()[:4] == b"\x89PNG"

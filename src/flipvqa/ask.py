@@ -137,7 +137,7 @@ def frame_attention(model, batch, option: int) -> list[float]:
     from .data.dataset import TaskBatch
 
     one = TaskBatch(tb.ids[row], tb.label_start[row], tb.length[row], tb.video_start[row])
-    frames = (model.project_video(batch.video) + model.temporal_emb.weight[None])
+    frames = model.video_inputs(batch.video)[1]
     captured = {}
     last = model.backbone.layers[-1]
     def keep_input(module, args):  # returns None: the layer's input is left unchanged
@@ -158,9 +158,7 @@ def frame_attention(model, batch, option: int) -> list[float]:
     k = apply_rope(attn.wk(x).view(1, seqlen, attn.n_kv_heads, attn.head_dim), *rope).transpose(1, 2)
     k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)
     scores = (q.float() @ k.float().transpose(2, 3)) / math.sqrt(attn.head_dim)
-    causal = torch.full((seqlen, seqlen), float("-inf"), device=x.device).triu(1)
-    region = model._video_bias_region(one, seqlen)
-    scores = scores + causal + region * model.layers[-1]["attention"].gate2.float()
+    scores = scores + model.video_bias_mask(one, seqlen)(model.layers[-1]["attention"].gate2)
     probs = scores.softmax(-1)  # (1, heads, seq, seq)
     start, end = int(one.label_start) - 1, int(one.length) - 1
     vs = int(one.video_start)

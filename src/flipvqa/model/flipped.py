@@ -86,6 +86,11 @@ class FlippedVQA(nn.Module):
         """(batch, max_feats, 768) -> projected frames (batch, max_feats, dim), no temporal emb."""
         return self.visual_proj(video.to(self.visual_proj.weight.dtype))
 
+    def video_inputs(self, video: Tensor) -> tuple[Tensor, Tensor]:
+        """(projected frames, what goes into the video slots = projected + temporal embedding)."""
+        projected = self.project_video(video)
+        return projected, projected + self.temporal_emb.weight[None]
+
     def embed(self, tb: TaskBatch, frames: Tensor) -> Tensor:
         """Token embeddings with the video slots replaced by ``frames`` (n_seq, max_feats, dim)."""
         h = self.backbone.tok_embeddings(tb.ids)
@@ -107,15 +112,18 @@ class FlippedVQA(nn.Module):
         cols = (pos[None, :] >= s) & (pos[None, :] < s + v)
         return (rows[:, :, None] & cols[:, None, :])[:, None]
 
+    def video_bias_mask(self, tb: TaskBatch, seqlen: int):
+        """``gate2 -> additive mask``: causal, plus a layer's video bias (SPEC.md section 7)."""
+        causal = torch.full((seqlen, seqlen), float("-inf"), device=tb.ids.device).triu(1)
+        region = self._video_bias_region(tb, seqlen)
+        return lambda gate2: causal + region * gate2.float()
+
     def hidden(self, tb: TaskBatch, h: Tensor, video_bias: bool) -> Tensor:
         """Run the layers over whole sequences (causal; the video bias for VQA/VAQ)."""
         seqlen = h.shape[1]
         rope = self.backbone.rope(0, seqlen, h.device)
-        if not video_bias:
-            return self.run_layers(h, rope, lambda gate2: None)[0]
-        causal = torch.full((seqlen, seqlen), float("-inf"), device=h.device).triu(1)
-        region = self._video_bias_region(tb, seqlen)
-        return self.run_layers(h, rope, lambda gate2: causal + region * gate2.float())[0]
+        mask_for = self.video_bias_mask(tb, seqlen) if video_bias else (lambda gate2: None)
+        return self.run_layers(h, rope, mask_for)[0]
 
     def run_layers(self, h: Tensor, rope, mask_for, past: Optional[list] = None, keep_kv: bool = False):
         """The backbone's layers; the last ``adapter_layer`` get the prompt and the gates.
@@ -182,8 +190,7 @@ class FlippedVQA(nn.Module):
 
     def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """Training losses (vqa, vaq, qav); a disabled objective is 0."""
-        projected = self.project_video(batch.video)
-        frames = projected + self.temporal_emb.weight[None]
+        projected, frames = self.video_inputs(batch.video)
         vqa = self.token_losses(batch.tasks["vqa"], frames)[0].mean()
         zero = vqa.new_zeros(())
         vaq = self.token_losses(batch.tasks["vaq"], frames)[0].mean() if self.cfg.vaq else zero
@@ -201,7 +208,7 @@ class FlippedVQA(nn.Module):
         tb = batch.tasks["vqa"]
         n_q = batch.video.shape[0]
         n_opt = tb.ids.shape[0] // n_q
-        frames = self.project_video(batch.video) + self.temporal_emb.weight[None]
+        frames = self.video_inputs(batch.video)[1]
         if not self.naive:
             split = self._shared_prefix(tb, n_q, n_opt)
             if split is not None:
@@ -230,10 +237,8 @@ class FlippedVQA(nn.Module):
         first = TaskBatch(ids[:, 0, :p_len], tb.label_start.view(n_q, n_opt)[:, 0], split,
                           tb.video_start.view(n_q, n_opt)[:, 0])
         h = self.embed(first, frames)
-        causal = torch.full((p_len, p_len), float("-inf"), device=device).triu(1)
-        region = self._video_bias_region(first, p_len)
-        _, past = self.run_layers(h, self.backbone.rope(0, p_len, device),
-                                  lambda gate2: causal + region * gate2.float(), keep_kv=True)
+        _, past = self.run_layers(h, self.backbone.rope(0, p_len, device), self.video_bias_mask(first, p_len),
+                                  keep_kv=True)
         # 2) every option's suffix, options side by side in one row per question
         lengths = tb.length.view(n_q, n_opt)
         s_len = int((lengths - split[:, None]).max())

@@ -179,9 +179,7 @@ class Attention(nn.Module):
         plen = 0
         if prompt is not None:
             plen = prompt.shape[0]
-            pk = self.wk(prompt).view(1, plen, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            pv = self.wv(prompt).view(1, plen, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            pk, pv = pk.repeat_interleave(rep, dim=1), pv.repeat_interleave(rep, dim=1)
+            pk, pv = self._prompt_kv(prompt)
             k = torch.cat([pk.expand(q.shape[0], -1, -1, -1).to(k.dtype), k], dim=2)
             v = torch.cat([pv.expand(q.shape[0], -1, -1, -1).to(v.dtype), v], dim=2)
         scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(self.head_dim)
@@ -192,15 +190,18 @@ class Attention(nn.Module):
             probs = torch.cat([p_probs.to(q.dtype), probs], dim=-1)
         return torch.matmul(probs, v)
 
-    def _prompt_attention(self, q: Tensor, prompt: Tensor, gate: Tensor) -> Tensor:
-        # The prompt rows get a softmax of their own (not shared with the sequence), as in
-        # LLaMA-Adapter; the per-head gate starts at zero so training starts from the frozen LM.
+    def _prompt_kv(self, prompt: Tensor) -> tuple[Tensor, Tensor]:
+        """Prompt keys/values (1, heads, prompt_len, head_dim) through this layer's wk/wv, no rotary."""
         plen = prompt.shape[0]
         pk = self.wk(prompt).view(1, plen, self.n_kv_heads, self.head_dim).transpose(1, 2)
         pv = self.wv(prompt).view(1, plen, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        rep = self.n_heads // self.n_kv_heads
-        if rep > 1:  # query head h uses kv head h // rep (transformers' repeat_kv order)
-            pk, pv = pk.repeat_interleave(rep, dim=1), pv.repeat_interleave(rep, dim=1)
+        rep = self.n_heads // self.n_kv_heads  # query head h uses kv head h // rep (transformers' repeat_kv)
+        return pk.repeat_interleave(rep, dim=1), pv.repeat_interleave(rep, dim=1)
+
+    def _prompt_attention(self, q: Tensor, prompt: Tensor, gate: Tensor) -> Tensor:
+        # The prompt rows get a softmax of their own (not shared with the sequence), as in
+        # LLaMA-Adapter; the per-head gate starts at zero so training starts from the frozen LM.
+        pk, pv = self._prompt_kv(prompt)
         scores = torch.matmul(q, pk.transpose(2, 3).to(q.dtype)) / math.sqrt(self.head_dim)
         probs = F.softmax(scores.float(), dim=-1) * gate.float()
         return torch.matmul(probs.to(q.dtype), pv.to(q.dtype))

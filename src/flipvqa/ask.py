@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .config import add_run_arguments, resolve
 from .data.dataset import Item, collate
-from .data.records import Record, frames_to_slots
+from .data.records import Record, frames_to_slots, slot_sources
 from .data.subtitles import tvqa_dialogue
 from .errors import FlipVQAError
 from .prompts import encode_sample, normalize_question, prompt_text
@@ -229,9 +229,7 @@ def run(ns: argparse.Namespace) -> int:
         if not Path(ns.video).is_file():
             raise FlipVQAError(f"{ns.video}: video file not found")
         video, frames = answerer.video_features(ns.video)
-        n = len(frames)
-        v = answerer.args.max_feats
-        thumbnails = [frames[(j * n) // v] for j in range(v)] if n > v else frames + [None] * (v - n)
+        thumbnails = [None if i is None else frames[i] for i in slot_sources(len(frames), answerer.args.max_feats)]
     answer = answerer.ask(video, ns.question, ns.choices, ns.subtitles, explain=bool(ns.explain))
     if ns.explain:
         draw_explanation(Path(ns.explain), answer, normalize_question(ns.question), thumbnails,

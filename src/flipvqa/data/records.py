@@ -99,6 +99,14 @@ def load_features(path: Path) -> dict[str, Tensor]:
     return {str(k): v for k, v in features.items()}
 
 
+def slot_sources(n: int, max_feats: int) -> list[Optional[int]]:
+    """Which of ``n`` frames fills each slot: uniform ``(j*n)//max_feats`` when there are more
+    frames than slots, else the frames in order and None (a zero row) after them."""
+    if n > max_feats:
+        return [(j * n) // max_feats for j in range(max_feats)]
+    return list(range(n)) + [None] * (max_feats - n)
+
+
 def frames_to_slots(frames: Optional[Tensor], max_feats: int) -> tuple[Tensor, int]:
     """Exactly ``max_feats`` rows: uniform rows ``(j*n)//max_feats`` of a longer video, zero rows
     after a shorter one. A missing video is one zero row. Returns (rows, video_len)."""
@@ -107,7 +115,7 @@ def frames_to_slots(frames: Optional[Tensor], max_feats: int) -> tuple[Tensor, i
     frames = frames.float()
     n = frames.shape[0]
     if n > max_feats:
-        return frames[[(j * n) // max_feats for j in range(max_feats)]], max_feats
+        return frames[slot_sources(n, max_feats)], max_feats
     if n < max_feats:
         return torch.cat([frames, torch.zeros(max_feats - n, frames.shape[1])]), n
     return frames, n

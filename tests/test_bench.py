@@ -6,6 +6,7 @@ import json
 import pytest
 
 from flipvqa import bench
+from flipvqa.demo.synthetic import random_records
 from flipvqa.cli import main
 
 from conftest import REF
@@ -51,11 +52,11 @@ def test_compare_children_get_the_same_flags():
 
 
 def test_synthetic_records_are_nextqa_like_and_seeded():
-    a, b = bench.synthetic_records(8, seed=3), bench.synthetic_records(8, seed=3)
+    a, b = random_records(8, seed=3), random_records(8, seed=3)
     assert [r.question for r in a] == [r.question for r in b]
     assert all((ra.frames == rb.frames).all() for ra, rb in zip(a, b))
     for r in a:
         assert 8 <= len(r.question.split()) <= 12 and r.question.endswith("?")
         assert len(r.options) == 5 and all(2 <= len(o.split()) <= 5 for o in r.options)
         assert 10 <= r.frames.shape[0] <= 20 and r.frames.shape[1] == 768
-    assert bench.synthetic_records(8, seed=4)[0].question != a[0].question
+    assert random_records(8, seed=4)[0].question != a[0].question

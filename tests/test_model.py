@@ -8,7 +8,7 @@ from flipvqa import data
 from flipvqa.checkpoints import build_backbone
 from flipvqa.data.dataset import VQADataset, collate
 from flipvqa.model.flipped import FlipConfig, FlippedVQA
-from flipvqa.runtime import load_trainable
+from flipvqa.checkpoints import load_trainable
 
 from conftest import CASES, case_dir, expected
 
@@ -138,7 +138,7 @@ def test_training_losses_same_with_gradient_checkpointing(llama_tokenizer):
 
 def test_bf16_backbone_scores_close_to_float32(llama_tokenizer):
     """Frozen weights in bf16 with autocast (the GPU path, here on the CPU) stay near float32."""
-    from flipvqa.runtime import autocast
+    from flipvqa.devices import autocast
 
     case = expected("star")["case"]
     root = case_dir("star")

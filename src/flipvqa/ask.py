@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -26,20 +25,23 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .config import add_run_arguments, resolve
+from .checkpoints import build_model, load_checkpoint, load_trainable, run_tokenizer
+from .checkpoints.trainable import expected_feature_dim, stored_args
+from .config import MODEL_OPTIONS, add_run_arguments, resolve, with_stored_options
 from .data.dataset import Item, collate
 from .data.records import Record, frames_to_slots, slot_sources
 from .data.subtitles import tvqa_dialogue
+from .devices import autocast, init_distributed
 from .errors import FlipVQAError
-from .prompts import encode_sample, normalize_question, prompt_text
-from .runtime import autocast, build_model, init_distributed, load_trainable
+from .model.flipped import FlippedVQA
+from .model.inputs import Batch
+from .prompts import LETTERS, encode_sample, normalize_question, prompt_text
 
 log = logging.getLogger(__name__)
 
-# Options of the checkpoint's run that shape the model and prompts; taken from the checkpoint's
-# stored args unless given on the command line.
-FROM_CHECKPOINT = ("model", "llama_model_path", "tokenizer_path", "adapter_len", "adapter_layer", "max_seq_len",
-                   "max_feats", "bias", "tau", "sub", "skip_unadapted_layers")
+# What the Answerer takes besides the checkpoint: the model options (from the checkpoint's
+# stored args unless given) and the backbone's dtype.
+OPTIONS = (*MODEL_OPTIONS, "dtype")
 
 
 @dataclass
@@ -61,26 +63,22 @@ class Answerer:
 
     def __init__(self, checkpoint: str | Path, clip_model: Optional[str] = None, fps: float = 1,
                  device: Optional[str] = None, **options):
-        from .checkpoints import load_checkpoint
-
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise TypeError(f"Answerer: unknown options {', '.join(unknown)} (known: {', '.join(OPTIONS)})")
         ckpt = load_checkpoint(checkpoint)
-        stored = vars(ckpt["args"]) if isinstance(ckpt.get("args"), argparse.Namespace) else {}
-        ns = argparse.Namespace(**{k: v for k, v in stored.items() if k in FROM_CHECKPOINT})
-        for key, value in options.items():
-            if value is not None:
-                setattr(ns, key, value)
-        if options.get("model") or options.get("llama_model_path"):
-            ns.tokenizer_path = options.get("tokenizer_path")  # re-derive it for the new backbone
-        ns.device = device
-        self.args = resolve(ns)
+        given = argparse.Namespace(**{k: v for k, v in options.items() if v is not None}, device=device)
+        self.args = resolve(with_stored_options(given, stored_args(ckpt)))
         self.dist, self.device = init_distributed(self.args.device)
-        self.model, self.tokenizer = build_model(self.args, self.device)
-        load_trainable(self.model, checkpoint)
+        self.tokenizer = run_tokenizer(self.args)
+        self.feature_dim, self._feature_source = expected_feature_dim(ckpt, checkpoint)
+        self.model = build_model(self.args, self.device, self.tokenizer, self.feature_dim)
+        load_trainable(self.model, checkpoint, ckpt)
         self.model.eval()
         self.clip_model, self.fps, self._clip = clip_model, fps, None
 
     def video_features(self, video: str | Path) -> tuple[Tensor, list]:
-        """CLIP features [frames, 768] of a video file, and its sampled frames (uint8)."""
+        """CLIP features [frames, width] of a video file, and its sampled frames (uint8)."""
         from .features.extract import embed, load_clip
         from .features.video import sample_frames
 
@@ -96,12 +94,12 @@ class Answerer:
 
     def ask(self, video: str | Path | Tensor, question: str, choices: Sequence[str],
             subtitles: Optional[str | Path] = None, explain: bool = False) -> Answer:
-        """Rank ``choices``; ``video`` is a file or a feature tensor [frames, 768]."""
-        if not 2 <= len(choices) <= 5:
-            raise FlipVQAError(f"give 2 to 5 choices (got {len(choices)})")
+        """Rank ``choices``; ``video`` is a file or a feature tensor [frames, width]."""
+        check_choices(choices)
         features = video if torch.is_tensor(video) else self.video_features(video)[0]
-        if features.dim() != 2 or features.shape[1] != 768:
-            raise FlipVQAError(f"video features must be [frames, 768], got {tuple(features.shape)}")
+        if features.dim() != 2 or features.shape[1] != self.feature_dim:
+            raise FlipVQAError(f"video features must be [frames, {self.feature_dim}] ({self._feature_source} "
+                               f"takes {self.feature_dim}-d features), got {tuple(features.shape)}")
         dialogue = ""
         if subtitles is not None:
             dialogue = tvqa_dialogue(Path(subtitles), -1000, 1000)
@@ -128,42 +126,27 @@ class Answerer:
         return answer
 
 
+def check_choices(choices: Sequence[str]) -> None:
+    if not 2 <= len(choices) <= len(LETTERS):
+        raise FlipVQAError(f"--choices: give 2 to {len(LETTERS)} choices (got {len(choices)})")
+
+
 @torch.no_grad()
-def frame_attention(model, batch, option: int) -> list[float]:
-    """How much the chosen answer's tokens attend to each video slot in the last layer
-    (the sequence softmax, averaged over heads and answer tokens)."""
-    tb = batch.tasks["vqa"]
-    row = slice(option, option + 1)
-    from .data.dataset import TaskBatch
-
-    one = TaskBatch(tb.ids[row], tb.label_start[row], tb.length[row], tb.video_start[row])
+def frame_attention(model: FlippedVQA, batch: Batch, option: int) -> list[float]:
+    """How much the chosen answer's tokens attend to each video slot in the last layer: the
+    layer's own sequence softmax (``keep_probs``), averaged over heads and answer tokens."""
+    one = batch.tasks["vqa"].rows(slice(option, option + 1))
     frames = model.video_inputs(batch.video)[1]
-    captured = {}
-    last = model.backbone.layers[-1]
-    def keep_input(module, args):  # returns None: the layer's input is left unchanged
-        captured["h"] = args[0]
-
-    hook = last.register_forward_pre_hook(keep_input)
+    attention = model.backbone.layers[-1].attention
+    attention.keep_probs = True
     try:
         model.hidden(one, model.embed(one, frames), video_bias=True)
+        probs = attention.probs  # (1, heads, seq, seq)
     finally:
-        hook.remove()
-    attn = last.attention
-    x = last.attention_norm(captured["h"])
-    seqlen = x.shape[1]
-    rope = model.backbone.rope(0, seqlen, x.device)
-    from .model.llama import apply_rope
-
-    q = apply_rope(attn.wq(x).view(1, seqlen, attn.n_heads, attn.head_dim), *rope).transpose(1, 2)
-    k = apply_rope(attn.wk(x).view(1, seqlen, attn.n_kv_heads, attn.head_dim), *rope).transpose(1, 2)
-    k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)
-    scores = (q.float() @ k.float().transpose(2, 3)) / math.sqrt(attn.head_dim)
-    scores = scores + model.video_bias_mask(one, seqlen)(model.layers[-1]["attention"].gate2)
-    probs = scores.softmax(-1)  # (1, heads, seq, seq)
-    start, end = int(one.label_start) - 1, int(one.length) - 1
+        attention.keep_probs, attention.probs = False, None
+    start, end = int(one.label_start) - 1, int(one.length) - 1  # the positions that predict the answer
     vs = int(one.video_start)
-    per_slot = probs[0, :, start:end, vs:vs + model.cfg.max_feats].mean(dim=(0, 1))
-    return per_slot.cpu().tolist()
+    return probs[0, :, start:end, vs:vs + model.cfg.max_feats].float().mean(dim=(0, 1)).cpu().tolist()
 
 
 def draw_explanation(path: Path, answer: Answer, question: str, thumbnails: list, max_feats: int) -> None:
@@ -202,22 +185,29 @@ def draw_explanation(path: Path, answer: Answer, question: str, thumbnails: list
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("video", help="a video file (or, with --features, a video id in that file)")
     parser.add_argument("--question", required=True)
-    parser.add_argument("--choices", nargs="+", required=True, help="2 to 5 answer choices")
+    parser.add_argument("--choices", nargs="+", required=True, help=f"2 to {len(LETTERS)} answer choices")
     parser.add_argument("--subtitles", help="an .srt file (its dialogue is added to the prompt)")
     parser.add_argument("--features", help="a clipvitl14.pth-style file to take the video's features from")
     parser.add_argument("--clip_model", help="local folder (or hub id) of CLIP ViT-L/14 to read the video")
-    parser.add_argument("--fps", type=float, default=1.0, help="frames per second to sample (TVQA-style: 3)")
+    parser.add_argument("--fps", type=float, default=1.0, help="frames per second to sample (default: 1; "
+                                                               "TVQA-style: 3)")
     parser.add_argument("--explain", metavar="PNG", help="write a picture of frames, attention and choices")
     parser.add_argument("--json", action="store_true", help="print the answer as one JSON object")
-    add_run_arguments(parser)
+    add_run_arguments(parser, "ask")
 
 
 def run(ns: argparse.Namespace) -> int:
+    # Everything that can be checked without the model first: loading a backbone takes minutes.
     if not ns.resume:
         raise FlipVQAError("pass the trained checkpoint with --resume")
-    options = {k: getattr(ns, k) for k in FROM_CHECKPOINT}
-    answerer = Answerer(ns.resume, clip_model=ns.clip_model, fps=ns.fps, device=ns.device, **options)
-    thumbnails: list = []
+    if not Path(ns.resume).is_file():
+        raise FlipVQAError(f"{ns.resume}: checkpoint not found")
+    check_choices(ns.choices)
+    if ns.fps <= 0:
+        raise FlipVQAError(f"--fps must be positive (got {ns.fps})")
+    if ns.subtitles and not Path(ns.subtitles).is_file():
+        raise FlipVQAError(f"{ns.subtitles}: subtitle file not found")
+    video: Optional[Tensor] = None
     if ns.features:
         from .data.records import load_features
 
@@ -225,9 +215,15 @@ def run(ns: argparse.Namespace) -> int:
         if ns.video not in feats:
             raise FlipVQAError(f"{ns.features}: no video {ns.video!r} in it")
         video = feats[ns.video].float()
-    else:
-        if not Path(ns.video).is_file():
-            raise FlipVQAError(f"{ns.video}: video file not found")
+    elif not Path(ns.video).is_file():
+        raise FlipVQAError(f"{ns.video}: video file not found")
+    elif not ns.clip_model:
+        raise FlipVQAError("a CLIP model is needed to read a video: pass --clip_model (a local folder of "
+                           "openai/clip-vit-large-patch14) or precomputed --features")
+    options = {k: getattr(ns, k, None) for k in OPTIONS}
+    answerer = Answerer(ns.resume, clip_model=ns.clip_model, fps=ns.fps, device=ns.device, **options)
+    thumbnails: list = []
+    if video is None:
         video, frames = answerer.video_features(ns.video)
         thumbnails = [None if i is None else frames[i] for i in slot_sources(len(frames), answerer.args.max_feats)]
     answer = answerer.ask(video, ns.question, ns.choices, ns.subtitles, explain=bool(ns.explain))
@@ -237,9 +233,19 @@ def run(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps(answer.to_dict()))
         return 0
-    for rank, (choice, prob, score) in enumerate(answer.ranked, 1):
-        print(f"{rank}. {prob * 100:5.1f}%  {choice}   (mean CE {score:.4f})")
-    print(f"answer: {answer.choice}")
+    print(format_answer(answer))
     if ns.explain:
         print(f"explanation: {ns.explain}")
     return 0
+
+
+def format_answer(answer: Answer) -> str:
+    """The ranked choices as an aligned table, and what its numbers are."""
+    width = max(len(c) for c, _, _ in answer.ranked)
+    lines = [f"{'rank':>4}  {'prob':>6}  {'choice':<{width}}  mean CE"]
+    for rank, (choice, prob, score) in enumerate(answer.ranked, 1):
+        lines.append(f"{rank:>4}  {prob * 100:5.1f}%  {choice:<{width}}  {score:.4f}")
+    lines.append("prob: softmax over the choices of minus each choice's mean cross-entropy of its answer "
+                 "tokens (mean CE; lower is better)")
+    lines.append(f"answer: {answer.choice}")
+    return "\n".join(lines)

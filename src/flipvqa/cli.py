@@ -1,4 +1,4 @@
-"""``flipvqa`` command line: train | eval | demo | bench | extract-features | ask."""
+"""The ``flipvqa`` command line: one entry point, one sub-command per job."""
 
 from __future__ import annotations
 
@@ -10,10 +10,16 @@ import os
 import sys
 from typing import Callable, Optional
 
-from .config import PRESETS, add_run_arguments, resolve
+from . import __version__
+from .config import PRESETS, add_run_arguments, resolve, with_stored_options
 from .errors import FlipVQAError
+from .io import show_progress
 
 log = logging.getLogger("flipvqa")
+
+DESCRIPTION = """Flipped-VQA (Ko et al., EMNLP 2023): LLaMA-based multiple-choice video question
+answering. The training and evaluation flags are those of the authors' train.py; run
+'flipvqa COMMAND --help' for a command's own flags."""
 
 
 def _train(ns: argparse.Namespace) -> int:
@@ -29,9 +35,15 @@ def _train(ns: argparse.Namespace) -> int:
 
 
 def _eval(ns: argparse.Namespace) -> int:
+    from .checkpoints import load_checkpoint
+    from .checkpoints.trainable import stored_args
     from .evaluate import evaluate
 
-    result = evaluate(resolve(ns))
+    ckpt = None
+    if ns.resume:  # the model options the checkpoint was trained with, unless given
+        ckpt = load_checkpoint(ns.resume)
+        ns = with_stored_options(ns, stored_args(ckpt))
+    result = evaluate(resolve(ns), ckpt)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if getattr(ns, "json", False):
@@ -55,25 +67,37 @@ PLUGINS = {
 }
 
 
+def _quiet_flag(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="only warnings and errors, no progress bars")
+
+
 def build_parser(argv: Optional[list[str]] = None) -> argparse.ArgumentParser:
     """The parser; a plugin command's own flags are added only when ``argv`` runs it."""
     command = next((a for a in (argv or []) if not a.startswith("-")), None)
-    parser = argparse.ArgumentParser(prog="flipvqa", description=__doc__)
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser = argparse.ArgumentParser(prog="flipvqa", description=DESCRIPTION)
+    _quiet_flag(parser, False)
+    parser.add_argument("--version", action="version", version=f"flipvqa {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = sub.add_parser("train", help="train Flipped-VQA (the authors' train.py flags)",
-                           description="Presets: " + ", ".join(PRESETS))
-    add_run_arguments(train)
+                           description="Train the Flipped-VQA parts on a frozen backbone. Presets (the paper's "
+                                       "runs): " + ", ".join(PRESETS) + ".")
+    add_run_arguments(train, "train")
     train.set_defaults(func=_train)
-    ev = sub.add_parser("eval", help="evaluate a checkpoint on a split and write predictions")
-    add_run_arguments(ev)
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on a split and write predictions",
+                        description="Score every option of every question of --split. The model options "
+                                    "(backbone, adapter, max_feats, ...) come from the --resume checkpoint "
+                                    "unless given.")
+    add_run_arguments(ev, "eval")
     ev.add_argument("--json", action="store_true", help="print the result as one JSON object")
     ev.set_defaults(func=_eval)
     for name, (module, help_text) in PLUGINS.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
         p.set_defaults(plugin=module)
         if name == command:  # only the chosen command's module is imported
             _module(module).add_arguments(p)
+    for p in sub.choices.values():  # -q also after the command; SUPPRESS keeps the one before it
+        _quiet_flag(p, argparse.SUPPRESS)
     return parser
 
 
@@ -92,6 +116,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         worker = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 talks
         level = logging.ERROR if worker else logging.WARNING if ns.quiet else logging.INFO
         logging.basicConfig(level=level, format="%(message)s", force=True)
+        show_progress(not (ns.quiet or worker))
         run: Callable = ns.func if hasattr(ns, "func") else _module(ns.plugin).run
         return run(ns)
     except FlipVQAError as exc:

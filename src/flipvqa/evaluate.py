@@ -4,12 +4,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
+from typing import Optional
 
-from .engine import eval_loader, per_type_accuracy, score_split
-from .runtime import autocast, build_dataset, build_model, init_distributed, load_trainable, seed_everything
+from . import data
+from .checkpoints import build_model, load_checkpoint, load_trainable, run_tokenizer
+from .checkpoints.trainable import expected_feature_dim
+from .devices import autocast, init_distributed, seed_everything
+from .io import write_jsonl
+from .loops import eval_loader, score_split
+from .metrics import accuracy, per_type_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -18,33 +23,31 @@ def write_predictions(path: Path, rows: list[dict]) -> None:
     """One JSON object per question: index (0-based position in the split file), qid (the
     dataset's own id), vid, answer, prediction, scores (mean cross-entropy per option, lower is
     better), qtype."""
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    tmp.replace(path)
+    write_jsonl(path, rows)
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    """Returns {"accuracy", "per_type", "n", "predictions": path or None}."""
+def evaluate(args: argparse.Namespace, ckpt: Optional[dict] = None) -> dict:
+    """Returns {"accuracy", "per_type", "n", "predictions": path or None}. ``ckpt``: the
+    ``--resume`` file's dict when it was read already."""
     dist, device = init_distributed(args.device)
     seed_everything(args.seed)
-    model, tokenizer = build_model(args, device)
-    if args.resume:
-        load_trainable(model, args.resume)
+    tokenizer = run_tokenizer(args)  # cheap checks before the backbone loads
+    if args.resume and ckpt is None:
+        ckpt = load_checkpoint(args.resume)
+    width = expected_feature_dim(ckpt, args.resume)
+    dataset = data.build_dataset(args, tokenizer, args.split, train=False, feature_dim=width)
+    model = build_model(args, device, tokenizer)
+    if ckpt is not None:
+        load_trainable(model, args.resume, ckpt)
     else:
         log.warning("no --resume checkpoint: evaluating freshly initialised Flipped-VQA weights")
-    dataset = build_dataset(args, tokenizer, args.split, train=False)
     amp = autocast(device, model.backbone.tok_embeddings.weight.dtype)
     rows = score_split(model, eval_loader(dataset, args.batch_size, args.num_workers, dist), device, amp, dist,
                        desc=f"eval {args.split}")
-    correct = sum(r["prediction"] == r["answer"] for r in rows)
-    result = {"accuracy": correct / len(rows), "per_type": per_type_accuracy(rows, args.dataset), "n": len(rows),
-              "predictions": None}
+    result = {"accuracy": accuracy(rows), "n": len(rows), "predictions": None,
+              "per_type": per_type_accuracy(rows, data.type_names(args.dataset), data.type_groups(args.dataset))}
     if dist.is_main and args.output_dir:
-        out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"predictions_{args.split}.jsonl"
+        path = Path(args.output_dir) / f"predictions_{args.split}.jsonl"
         write_predictions(path, rows)
         result["predictions"] = str(path)
     return result

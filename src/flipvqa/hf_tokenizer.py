@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from .data.records import read_json
+from .io import read_json
 from .errors import FlipVQAError
 
 # Where BOS/EOS are looked up, in order; the first file that names the token decides (an explicit

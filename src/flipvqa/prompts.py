@@ -46,6 +46,14 @@ class Sequence:
     label_start: int
     video_start: int
     truncated: bool = False
+    full_length: int = 0  # before truncation (0: not truncated, len(ids))
+
+    def fits(self, max_feats: int, task: str) -> bool:
+        """Whether truncation left the sequence usable: its video slots whole and, for VQA/VAQ,
+        at least one target token."""
+        if self.video_start + max_feats > len(self.ids):
+            return False
+        return task == "qav" or self.label_start < len(self.ids)
 
 
 def normalize_question(raw: str) -> str:
@@ -125,11 +133,11 @@ def _fit(ids: list[int], label_start: int, video_start: int, dialogue: Optional[
         head = (ids[:d_start] + ids[d_start:d_start + max(keep, 0)])[: max_len - len(tail)]
         shift = len(ids) - max_len
         new_video_start = video_start - shift if task == "qav" else video_start
-        return Sequence(head + tail, label_start - shift, new_video_start, truncated=True)
+        return Sequence(head + tail, label_start - shift, new_video_start, truncated=True, full_length=len(ids))
     if task == "qav" and video_start + max_feats > max_len:
         raise FlipVQAError(f"the QAV sequence needs --max_seq_len >= {video_start + max_feats} "
                            f"for its video slots (it is {max_len})")
-    return Sequence(ids[:max_len], label_start, video_start, truncated=True)
+    return Sequence(ids[:max_len], label_start, video_start, truncated=True, full_length=len(ids))
 
 
 def encode_sample(tok: Tokenizer, text: PromptText, answer: int, n_options: int, max_feats: int,

@@ -1,4 +1,5 @@
-"""``flipvqa train``: the reference's training recipe (SPEC.md section 8), read top to bottom.
+"""``flipvqa train``: the reference's training recipe, read top to bottom
+(docs/faithfulness.md, "Training schedule and log").
 
 AdamW (0.9, 0.95) on the Flipped-VQA parts only, weight decay on tensors with ndim > 1,
 ``lr = blr * effective_batch / 256``, per-iteration warm-up then cosine, gradient accumulation,
@@ -16,46 +17,43 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .checkpoints import save_checkpoint
+from . import data
+from .checkpoints import build_model, load_checkpoint, load_trainable, run_tokenizer, save_checkpoint
+from .checkpoints.trainable import expected_feature_dim
 from .data.dataset import collate
-from .engine import accuracy_stats, eval_loader, score_split, train_one_epoch
+from .devices import autocast, init_distributed, seed_everything
 from .errors import FlipVQAError
 from .evaluate import write_predictions
-from .model.flipped import FlippedVQA
-from .runtime import autocast, build_dataset, build_model, init_distributed, load_trainable, seed_everything
+from .loops import eval_loader, score_split, train_one_epoch
+from .metrics import accuracy_stats
+from .optim import base_lr, make_optimizer
 
 log = logging.getLogger(__name__)
-
-
-def make_optimizer(model: FlippedVQA, weight_decay: float, lr: float) -> torch.optim.AdamW:
-    """timm's rule, as the reference: no decay for 1-d tensors and biases. Empty groups are
-    left out and the order (no-decay first, parameters in model order) is the reference's, so
-    its optimizer state loads (all Flipped-VQA tensors are >= 2-d: one group in practice)."""
-    decay, no_decay = [], []
-    for name, p in model.trainable_parameters():
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    groups = [{"params": ps, "weight_decay": wd} for ps, wd in ((no_decay, 0.0), (decay, weight_decay)) if ps]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
 def train(args: argparse.Namespace) -> dict:
     """Train; returns {"best_acc", "best_epoch", "log": [per-epoch dicts], "output_dir"}."""
     dist, device = init_distributed(args.device)
     seed_everything(args.seed + dist.rank)
-    model, tokenizer = build_model(args, device)
-    train_set = build_dataset(args, tokenizer, "train", train=True)
-    val_set = build_dataset(args, tokenizer, "val", train=False)
+    # What is cheap to check comes first: the tokenizer, the data, the checkpoint file. The
+    # backbone (13 GB for 7B) loads only once they are fine.
+    tokenizer = run_tokenizer(args)
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    width = expected_feature_dim(ckpt, args.resume)
+    train_set = data.build_dataset(args, tokenizer, "train", train=True, feature_dim=width)
+    val_set = data.build_dataset(args, tokenizer, "val", train=False, feature_dim=width)
+    model = build_model(args, device, tokenizer)
 
     eff_batch = args.batch_size * args.accum_iter * dist.world_size
     if args.lr is None:
-        args.lr = args.blr * eff_batch / 256
+        args.lr = base_lr(args.blr, args.batch_size, args.accum_iter, dist.world_size)
     log.info("lr %.3e (effective batch %d); %d train / %d val questions",
              args.lr, eff_batch, len(train_set), len(val_set))
 
     optimizer = make_optimizer(model, args.weight_decay, args.lr)
     start_epoch = 0
-    if args.resume:
-        ckpt = load_trainable(model, args.resume)
+    if ckpt is not None:
+        load_trainable(model, args.resume, ckpt)
         if "optimizer" in ckpt and "epoch" in ckpt:
             try:
                 optimizer.load_state_dict(ckpt["optimizer"])
@@ -76,6 +74,7 @@ def train(args: argparse.Namespace) -> dict:
     dtype = model.backbone.tok_embeddings.weight.dtype
     amp = autocast(device, dtype)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and dtype == torch.float16 else None
+    groups, weighted = data.type_groups(args.dataset), data.weighted_groups(args.dataset)
 
     out = Path(args.output_dir)
     if dist.is_main:
@@ -87,7 +86,8 @@ def train(args: argparse.Namespace) -> dict:
             sampler.set_epoch(epoch)
         train_stats = train_one_epoch(model, loader, optimizer, epoch, args, device, amp, dist, scaler)
         rows = score_split(model, val_loader, device, amp, dist, desc=f"val {epoch}")
-        val_stats = {"lr": optimizer.param_groups[0]["lr"], **_ordered(accuracy_stats(rows, args.dataset, args.batch_size))}
+        val_stats = {"lr": optimizer.param_groups[0]["lr"],
+                     **_ordered(accuracy_stats(rows, groups, args.batch_size, weighted_groups=weighted))}
         entry = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                  **{f"val_{k}": v for k, v in val_stats.items()}}
         history.append(entry)

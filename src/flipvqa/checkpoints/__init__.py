@@ -1,18 +1,67 @@
-"""Reading backbones (Meta shards, Hugging Face folders) and Flipped-VQA checkpoints."""
+"""Files into models: locating and reading backbones (Meta shards, Hugging Face folders), the
+tokenizer beside them, and the Flipped-VQA parts around them (their checkpoints in
+:mod:`flipvqa.checkpoints.trainable`)."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import logging
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..devices import DTYPES
 from ..errors import FlipVQAError
+from ..model.flipped import FlipConfig, FlippedVQA
 from ..model.llama import ModelArgs, Transformer, rope_frequencies
+from ..tokenizer import Tokenizer, load_tokenizer
 from .meta import is_meta_folder, load_meta
-from .trainable import check_weights, load_checkpoint, save_checkpoint
+from .trainable import check_weights, load_checkpoint, load_trainable, save_checkpoint
+
+log = logging.getLogger(__name__)
 
 
+# ---------------------------------------------------------------------------- where the files are
+def backbone_folder(args: argparse.Namespace) -> Path:
+    """``--model`` names a folder under ``--llama_model_path``, or is itself a path, or a
+    Hugging Face hub id (``owner/name``, fetched when online)."""
+    under = Path(args.llama_model_path) / args.model
+    if under.is_dir():
+        return under
+    direct = Path(args.model)
+    if direct.is_dir():
+        return direct
+    if args.model.count("/") == 1 and not args.model.startswith((".", "/")):
+        from .hf import resolve_backbone
+
+        return resolve_backbone(args.model)
+    return under  # reported as missing by the loader
+
+
+def default_tokenizer_path(llama_model_path: str | Path, model: str) -> str:
+    """The backbone folder's own tokenizer (Hugging Face folders have one), else Meta's shared
+    ``<llama_model_path>/tokenizer.model``."""
+    for folder in (Path(llama_model_path) / model, Path(model)):
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if (folder / name).is_file():
+                return str(folder / name)
+    return str(Path(llama_model_path) / "tokenizer.model")
+
+
+def run_tokenizer(args: argparse.Namespace) -> Tokenizer:
+    """The tokenizer of the run's backbone; sets ``args.tokenizer_path`` to the file used (the
+    checkpoint's args record it)."""
+    if args.tokenizer_path is None:
+        args.tokenizer_path = default_tokenizer_path(args.llama_model_path, args.model)
+    if not Path(args.tokenizer_path).exists() and args.model.count("/") == 1:
+        args.tokenizer_path = default_tokenizer_path(backbone_folder(args), "")  # a hub id's files
+    return load_tokenizer(args.tokenizer_path)
+
+
+# ---------------------------------------------------------------------------- the backbone
 def read_backbone(folder: str | Path) -> tuple[ModelArgs, dict[str, Tensor]]:
     """Arguments and weights (Meta names, interleaved rotary) of a Meta or Hugging Face folder."""
     folder = Path(folder)
@@ -57,4 +106,59 @@ def build_backbone(folder: str | Path, device: torch.device, dtype: torch.dtype 
     return model
 
 
-__all__ = ["build_backbone", "check_weights", "load_checkpoint", "read_backbone", "save_checkpoint"]
+def random_backbone(shape: ModelArgs, vocab_size: int, device: torch.device, dtype: torch.dtype,
+                    seed: int) -> Transformer:
+    """A backbone of ``shape`` with ``vocab_size`` words and random weights (for benchmarks),
+    initialised (seeded) directly on ``device`` in ``dtype``: a 7B model never exists in float32."""
+    shape = dataclasses.replace(shape, vocab_size=vocab_size)
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Transformer(shape)
+    finally:
+        torch.set_default_dtype(default)
+    model.inv_freq = rope_frequencies(shape).to(device)
+    return model
+
+
+# ---------------------------------------------------------------------------- the whole model
+def build_model(args: argparse.Namespace, device: torch.device, tokenizer: Tokenizer,
+                feature_dim: Optional[int] = None) -> FlippedVQA:
+    """Backbone (frozen) + Flipped-VQA parts (float32) on ``device``."""
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    if dtype is not None and device.type == "cpu" and dtype != torch.float32:
+        log.warning("--dtype %s on CPU is slow; float32 is the default there", args.dtype)
+    backbone = build_backbone(backbone_folder(args), device, dtype)
+    if tokenizer.n_words > backbone.args.vocab_size:
+        raise FlipVQAError(f"{args.tokenizer_path}: {tokenizer.n_words} tokens, more than the backbone's "
+                           f"vocabulary of {backbone.args.vocab_size}")
+    return wrap_backbone(backbone, args, device, feature_dim)
+
+
+def wrap_backbone(backbone: Transformer, args: argparse.Namespace, device: torch.device,
+                  feature_dim: Optional[int] = None) -> FlippedVQA:
+    """The Flipped-VQA parts (float32) around a frozen backbone, as the run options say."""
+    adapter_layer = args.adapter_layer or backbone.args.n_layers
+    if adapter_layer > backbone.args.n_layers:
+        raise FlipVQAError(f"--adapter_layer {adapter_layer} is larger than the backbone's "
+                           f"{backbone.args.n_layers} layers")
+    cfg = FlipConfig(adapter_len=args.adapter_len, adapter_layer=adapter_layer, max_feats=args.max_feats,
+                     bias=args.bias, tau=args.tau, vaq=args.vaq, qav=args.qav,
+                     skip_unadapted_layers=args.skip_unadapted_layers)
+    if feature_dim is not None:
+        cfg.feature_dim = feature_dim
+    model = FlippedVQA(backbone, cfg)
+    for _, p in model.trainable_parameters():
+        p.data = p.data.to(device=device, dtype=torch.float32)
+    model.grad_checkpointing = args.grad_checkpointing
+    if args.compile:
+        for layer in model.backbone.layers:
+            layer.compile(dynamic=True)  # sequence lengths vary from batch to batch
+    return model
+
+
+__all__ = ["backbone_folder", "build_backbone", "build_model", "check_weights", "default_tokenizer_path",
+           "load_checkpoint", "load_trainable", "random_backbone", "read_backbone", "run_tokenizer",
+           "save_checkpoint", "wrap_backbone"]

@@ -18,8 +18,8 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 
-from ..data.records import read_json
 from ..errors import FlipVQAError
+from ..io import first_line, load_tensors, read_json_object
 from ..model.llama import ModelArgs, Transformer
 
 log = logging.getLogger(__name__)
@@ -55,13 +55,6 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 HUB_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model"]
 
 
-def _read_json(path: Path) -> dict:
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise FlipVQAError(f"{path}: expected a JSON object")
-    return data
-
-
 def _rope(cfg: dict, path: Path) -> tuple[float, dict | None]:
     """``(rope_theta, rope_scaling)``; transformers >= 5 writes both under ``rope_parameters``."""
     params = cfg.get("rope_parameters")
@@ -87,7 +80,7 @@ def hf_model_args(folder: str | Path) -> ModelArgs:
     """:class:`ModelArgs` from ``folder/config.json``; anything the backbone cannot compute
     exactly is a :class:`FlipVQAError` naming the file."""
     path = Path(folder) / "config.json"
-    cfg = _read_json(path)
+    cfg = read_json_object(path)
     kind = cfg.get("model_type")
     if kind not in SUPPORTED_TYPES:
         why = f" ({_UNSUPPORTED_WHY[kind]})" if kind in _UNSUPPORTED_WHY else ""
@@ -133,7 +126,7 @@ def _weight_files(folder: Path) -> list[Path]:
             continue
         if not name.endswith(".index.json"):
             return [path]
-        weight_map = _read_json(path).get("weight_map")
+        weight_map = read_json_object(path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise FlipVQAError(f"{path}: no 'weight_map'")
         shards = [folder / f for f in sorted(set(weight_map.values()))]
@@ -159,13 +152,7 @@ def _open_weights(folder: Path) -> Iterator[tuple[Path, list[str], Callable[[str
             with handle as f:
                 yield path, list(f.keys()), f.get_tensor
         else:
-            try:
-                try:
-                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
-                    state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise FlipVQAError(f"{path}: cannot read PyTorch weights ({exc})") from None
+            state = load_tensors(path, "PyTorch weights")
             if not isinstance(state, dict):
                 raise FlipVQAError(f"{path}: expected a dict of tensors")
             yield path, list(state), state.__getitem__
@@ -262,7 +249,6 @@ def resolve_backbone(name_or_path: str | Path, cache_dir: str | Path | None = No
         raise FlipVQAError(f"{name}: no such model on the Hugging Face hub (or it is private); "
                            f"{local_hint}") from None
     except Exception as exc:  # offline with an empty cache, network errors, bad revisions...
-        first_line = (str(exc).splitlines() or [""])[0]
         where = ("offline (HF_HUB_OFFLINE or no network) and not in the local hub cache" if offline
-                 else f"download failed ({type(exc).__name__}: {first_line})")
+                 else f"download failed ({type(exc).__name__}: {first_line(exc)})")
         raise FlipVQAError(f"{name}: {where}; {local_hint}") from None

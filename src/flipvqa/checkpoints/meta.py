@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import FlipVQAError
+from ..io import load_tensors, read_json_object
 from ..model.llama import ModelArgs
 
 log = logging.getLogger(__name__)
@@ -37,22 +37,17 @@ def is_meta_folder(path: Path) -> bool:
 def load_meta(folder: Path) -> tuple[ModelArgs, dict[str, Tensor]]:
     """Read ``params.json`` and merge the shards. Tensors keep the file's dtype."""
     params_path = folder / "params.json"
-    try:
-        params = json.loads(params_path.read_text())
-    except FileNotFoundError:
-        raise FlipVQAError(f"{params_path}: file not found") from None
-    except json.JSONDecodeError as exc:
-        raise FlipVQAError(f"{params_path}: not valid JSON ({exc})") from None
+    params = read_json_object(params_path)
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not shards:
         raise FlipVQAError(f"{folder}: no consolidated.*.pth weight files")
     loaded = []
     for path in shards:
         log.info("loading %s", path)
-        try:
-            loaded.append(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
-        except Exception as exc:
-            raise FlipVQAError(f"{path}: cannot read LLaMA weights ({exc})") from None
+        shard = load_tensors(path, "LLaMA weights")
+        if not isinstance(shard, dict):
+            raise FlipVQAError(f"{path}: expected a dict of LLaMA weights")
+        loaded.append(shard)
     if len(loaded) == 1:
         state = loaded[0]
     else:

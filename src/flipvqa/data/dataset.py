@@ -8,14 +8,16 @@ causal and pads are never targets.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
+from ..errors import FlipVQAError
+from ..io import progress
+from ..model.inputs import Batch, TaskBatch
 from ..prompts import TASKS, Sequence, encode_sample, prompt_text
 from ..tokenizer import Tokenizer
 from .records import Record, frames_to_slots
@@ -31,32 +33,6 @@ class Item:
     sequences: dict[str, list[Sequence]]
 
 
-@dataclass
-class TaskBatch:
-    ids: Tensor  # (n_seq, seq) token ids, video slots and pads 0
-    label_start: Tensor  # (n_seq,) first target position
-    length: Tensor  # (n_seq,) unpadded length
-    video_start: Tensor  # (n_seq,) first video slot
-
-    def to(self, device) -> "TaskBatch":
-        return TaskBatch(*(t.to(device, non_blocking=True) for t in
-                           (self.ids, self.label_start, self.length, self.video_start)))
-
-
-@dataclass
-class Batch:
-    video: Tensor  # (batch, max_feats, 768)
-    tasks: dict[str, TaskBatch]  # per task: batch * n_seq_per_question sequences, question-major
-    answer: Tensor  # (batch,)
-    qtype: Tensor  # (batch,)
-    records: list[Record] = field(default_factory=list)
-
-    def to(self, device) -> "Batch":
-        return Batch(self.video.to(device, non_blocking=True),
-                     {k: v.to(device) for k, v in self.tasks.items()},
-                     self.answer.to(device), self.qtype.to(device), self.records)
-
-
 class VQADataset(Dataset):
     """Records encoded into the three sequences (training: the correct letter; evaluation:
     every option, VQA only unless ``tasks`` says otherwise)."""
@@ -67,17 +43,29 @@ class VQADataset(Dataset):
         self.records, self.max_feats = records, max_feats
         self.tasks = tasks
         self.encoded = []
-        progress = tqdm(records, desc=f"tokenizing {name}".strip(), disable=len(records) < 2000,
-                        leave=False)
-        for rec in progress:
+        for rec in progress(records, f"tokenizing {name}".strip(), enabled=len(records) >= 2000):
             text = prompt_text(rec.question, rec.options, rec.dialogue)
             self.encoded.append(encode_sample(tokenizer, text, rec.answer, n_options, max_feats,
                                               max_seq_len, sub, tasks, all_options=not train))
         self.n_truncated = sum(any(s.truncated for seqs in enc.values() for s in seqs)
                                for enc in self.encoded)
+        self._check_fit(name, max_seq_len)
         if self.n_truncated:
             log.warning("%s: %d of %d questions are longer than --max_seq_len %d and were truncated",
                         name or "dataset", self.n_truncated, len(records), max_seq_len)
+
+    def _check_fit(self, name: str, max_seq_len: int) -> None:
+        """A question truncated so far that no answer token (or not the whole video) is left
+        would give a NaN loss or score: stop, and say what --max_seq_len it needs."""
+        bad = [(rec, s) for rec, enc in zip(self.records, self.encoded) for task, seqs in enc.items()
+               for s in seqs if not s.fits(self.max_feats, task)]
+        if not bad:
+            return
+        needs = max(s.full_length or len(s.ids) for enc in self.encoded for seqs in enc.values() for s in seqs)
+        rec = bad[0][0]
+        raise FlipVQAError(f"{name or 'dataset'}: the prompt does not fit --max_seq_len {max_seq_len} "
+                           f"({len({r.index for r, _ in bad})} questions, e.g. index {rec.index}, video {rec.vid}, "
+                           f"lose their answer or video); the longest sequence needs --max_seq_len {needs}")
 
     def __len__(self) -> int:
         return len(self.records)

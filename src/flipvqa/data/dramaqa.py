@@ -5,9 +5,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FlipVQAError
 from ..prompts import normalize_question
-from .records import FEATURE_DIM, Record, check_answer, field_of, read_json
+from .records import FEATURE_DIM, Record, check_answer, field_of, options_of, read_list
 
 N_OPTIONS = 5
 
@@ -24,15 +23,10 @@ def scene_frames(vid: str, shots: list, features: dict):
 
 def read(root: Path, split: str, features: dict, sub: bool) -> list[Record]:
     path = root / f"AnotherMissOhQA_{split}_set.json"
-    data = read_json(path)
-    if not isinstance(data, list):
-        raise FlipVQAError(f"{path}: expected a list of questions")
     records = []
-    for n, row in enumerate(data):
+    for n, row in enumerate(read_list(path)):
         vid = str(field_of(row, "vid", path, n))
-        options = field_of(row, "answers", path, n, list)
-        if len(options) != N_OPTIONS:
-            raise FlipVQAError(f"{path}: entry {n} has {len(options)} answers, expected {N_OPTIONS}")
+        options = options_of(row, "answers", path, n, N_OPTIONS)
         if vid.endswith("0000"):
             frames = scene_frames(vid, field_of(row, "shot_contained", path, n, list), features)
         else:

@@ -3,11 +3,16 @@
 from pathlib import Path
 
 from ..errors import FlipVQAError
+from ..io import read_csv
 from ..prompts import normalize_question
-from .records import Record, check_answer, field_of, read_csv
+from .records import Record, check_answer, field_of
 
-QTYPES = {"CH": 1, "CW": 2, "TN": 3, "TC": 4, "TP": 5, "DL": 6, "DC": 7, "DO": 8}
 N_OPTIONS = 5
+# Question types: causal (CH, CW), temporal (TN, TC, TP), descriptive (DL, DC, DO); the codes
+# are the reference's, and its log reports the three groups.
+QTYPES = {"CH": 1, "CW": 2, "TN": 3, "TC": 4, "TP": 5, "DL": 6, "DC": 7, "DO": 8}
+GROUPS = {"C": (1, 2), "T": (3, 4, 5), "D": (6, 7, 8)}
+WEIGHTED_GROUPS = True  # the reference's log sums correct answers per group (metrics.accuracy_stats)
 
 
 def read(root: Path, split: str, features: dict, sub: bool) -> list[Record]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -12,8 +10,9 @@ import torch
 from torch import Tensor
 
 from ..errors import FlipVQAError
+from ..io import load_tensors, read_json
+from ..model.inputs import FEATURE_DIM
 
-FEATURE_DIM = 768  # CLIP ViT-L/14 image embeddings
 
 
 @dataclass
@@ -25,44 +24,19 @@ class Record:
     question: str  # already normalised ("Why ...?")
     options: list[str]
     answer: int
-    qtype: int = -1  # dataset-specific code (SPEC.md section 6); -1 when the dataset has none
+    qtype: int = -1  # the reader's QTYPES code; -1 when the dataset has none
     qid: Optional[str] = None  # the dataset's own question id, where it has one
     dialogue: str = ""  # "Dialogue: ...\n" with --sub, else ""
     subtitles_missing: bool = False  # --sub but the video has no subtitles at all
     frames: Optional[Tensor] = field(default=None, repr=False)  # [n, 768]; None: no features
 
 
-def read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FlipVQAError(f"{path}: file not found") from None
-    except json.JSONDecodeError as exc:
-        raise FlipVQAError(f"{path}: not valid JSON ({exc})") from None
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line for line in f if line.strip()]
-    except FileNotFoundError:
-        raise FlipVQAError(f"{path}: file not found") from None
-    rows = []
-    for n, line in enumerate(lines, 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise FlipVQAError(f"{path}: line {n} is not valid JSON ({exc})") from None
-    return rows
-
-
-def read_csv(path: Path) -> list[dict]:
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
-    except FileNotFoundError:
-        raise FlipVQAError(f"{path}: file not found") from None
+def read_list(path: Path) -> list:
+    """A JSON file holding a list of questions (STAR, DramaQA)."""
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise FlipVQAError(f"{path}: expected a list of questions")
+    return data
 
 
 def field_of(row: dict, key: str, path: Path, n: int, convert: Callable = lambda x: x) -> Any:
@@ -75,6 +49,14 @@ def field_of(row: dict, key: str, path: Path, n: int, convert: Callable = lambda
         raise FlipVQAError(f"{path}: entry {n} has a malformed '{key}': {row[key]!r}") from None
 
 
+def options_of(row: dict, key: str, path: Path, n: int, count: int) -> list:
+    """The list ``row[key]`` of exactly ``count`` options."""
+    options = field_of(row, key, path, n, list)
+    if len(options) != count:
+        raise FlipVQAError(f"{path}: entry {n} has {len(options)} {key}, expected {count}")
+    return options
+
+
 def check_answer(answer: int, n_options: int, path: Path, n: int) -> int:
     if not 0 <= answer < n_options:
         raise FlipVQAError(f"{path}: entry {n} has answer {answer}, outside 0..{n_options - 1}")
@@ -83,20 +65,25 @@ def check_answer(answer: int, n_options: int, path: Path, n: int) -> int:
 
 def load_features(path: Path) -> dict[str, Tensor]:
     """``clipvitl14.pth``: {video id: float16 [frames, 768]}, memory-mapped where possible."""
-    if not path.is_file():
-        raise FlipVQAError(f"{path}: features file not found")
-    try:
-        features = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # files written with the legacy (non-zip) format cannot be mapped
-        try:
-            features = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise FlipVQAError(f"{path}: cannot read features ({exc})") from None
-    except Exception as exc:
-        raise FlipVQAError(f"{path}: cannot read features ({exc})") from None
+    features = load_tensors(path, "features")
     if not isinstance(features, dict):
         raise FlipVQAError(f"{path}: expected a dict of video id -> tensor, got {type(features).__name__}")
+    bad = next((k for k, v in features.items() if not torch.is_tensor(v) or v.dim() != 2), None)
+    if bad is not None:
+        raise FlipVQAError(f"{path}: video {bad!r} is not a [frames, width] tensor")
     return {str(k): v for k, v in features.items()}
+
+
+def feature_width(features: dict[str, Tensor], path: Path) -> Optional[int]:
+    """The common width of every video's features (None for an empty file); mixed widths are an
+    error naming two videos."""
+    widths: dict[int, str] = {}
+    for vid, v in features.items():
+        widths.setdefault(int(v.shape[1]), vid)
+    if len(widths) > 1:
+        (w1, v1), (w2, v2) = list(widths.items())[:2]
+        raise FlipVQAError(f"{path}: features of different widths: {v1!r} is {w1}-d, {v2!r} is {w2}-d")
+    return next(iter(widths), None)
 
 
 def slot_sources(n: int, max_feats: int) -> list[Optional[int]]:

@@ -5,19 +5,18 @@ from pathlib import Path
 
 from ..errors import FlipVQAError
 from ..prompts import normalize_question
-from .records import Record, field_of, read_json
+from .records import Record, field_of, read_list
 
-QTYPES = {"Interaction": 1, "Sequence": 2, "Prediction": 3, "Feasibility": 4}
 N_OPTIONS = 4
+# The type is the part of question_id before "_"; the reference logs each type as its own group.
+QTYPES = {"Interaction": 1, "Sequence": 2, "Prediction": 3, "Feasibility": 4}
+GROUPS = {"In": (1,), "Seq": (2,), "Pre": (3,), "Feas": (4,)}
 
 
 def read(root: Path, split: str, features: dict, sub: bool) -> list[Record]:
     path = root / f"STAR_{split}.json"
-    data = read_json(path)
-    if not isinstance(data, list):
-        raise FlipVQAError(f"{path}: expected a list of questions")
     records = []
-    for n, row in enumerate(data):
+    for n, row in enumerate(read_list(path)):
         qid = str(field_of(row, "question_id", path, n))
         kind = qid.split("_")[0]
         if kind not in QTYPES:

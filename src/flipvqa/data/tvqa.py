@@ -4,8 +4,9 @@
 import math
 from pathlib import Path
 
+from ..io import read_jsonl
 from ..prompts import normalize_question
-from .records import Record, check_answer, field_of, read_jsonl
+from .records import Record, check_answer, field_of
 from .subtitles import tvqa_dialogue
 
 N_OPTIONS = 5

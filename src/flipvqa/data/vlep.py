@@ -3,9 +3,9 @@ events[2], answer, ts}, and ``vlep_subtitles.jsonl`` with {vid_name, sub: [{star
 
 from pathlib import Path
 
-from ..errors import FlipVQAError
+from ..io import read_jsonl
 from ..prompts import normalize_question
-from .records import Record, check_answer, field_of, read_jsonl
+from .records import Record, check_answer, field_of, options_of
 from .subtitles import vlep_dialogue
 
 N_OPTIONS = 2
@@ -24,9 +24,7 @@ def read(root: Path, split: str, features: dict, sub: bool) -> list[Record]:
     records = []
     for n, row in enumerate(rows):
         vid = str(field_of(row, "vid_name", path, n))
-        options = field_of(row, "events", path, n, list)
-        if len(options) != N_OPTIONS:
-            raise FlipVQAError(f"{path}: entry {n} has {len(options)} events, expected {N_OPTIONS}")
+        options = options_of(row, "events", path, n, N_OPTIONS)
         ts = field_of(row, "ts", path, n, list)
         start, end = round(float(ts[0])), round(float(ts[1]))
         dialogue = vlep_dialogue(captions.get(vid, []), start, end) if sub else ""

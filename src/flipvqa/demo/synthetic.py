@@ -37,13 +37,15 @@ videos that way (see ``scripts/build_demo_backbone.py``); the demo itself never 
 from __future__ import annotations
 
 import csv
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data.records import FEATURE_DIM, frames_to_slots
+from ..data.records import FEATURE_DIM, Record, frames_to_slots
+from ..prompts import normalize_question
 
 
 @dataclass(frozen=True)
@@ -269,3 +271,33 @@ def write_nextqa(data_path: str | Path, seed: int, spec: DemoSpec = DemoSpec(), 
             features[vid] = torch.zeros(1, FEATURE_DIM, dtype=x.dtype) if blind else x
     torch.save(features, root / "clipvitl14.pth")
     return root
+
+
+# ---------------------------------------------------------------------------- random questions (bench)
+_WH = ("why", "what", "how", "where", "when", "who")
+_WORDS = ("the man woman boy girl baby dog cat ball chair table door car bike hand head water food "
+          "toy box bag phone book cup window floor grass tree house room video people lady kid "
+          "play pick hold look walk run sit stand open close throw push pull eat drink watch move "
+          "turn start end after before while again first last left right up down near beside big "
+          "small red white black blue green happy slowly quickly together around at on in with "
+          "from into out of to some two three").split()
+
+
+def random_records(n: int, seed: int, n_options: int = 5) -> list[Record]:
+    """``n`` NExT-QA-style questions of random words (8-12, a wh-word first), ``n_options``
+    options of 2-5 words and 10-20 frames of float16 features ``N(0, 1) * 0.5``; a function of
+    ``seed``. Unlike the demo's world there is nothing to learn: for benchmarks."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    def words(k: int) -> str:
+        return " ".join(rng.choice(_WORDS) for _ in range(k))
+
+    records = []
+    for i in range(n):
+        question = normalize_question(f"{rng.choice(_WH)} {words(rng.randint(7, 11))}")
+        options = [words(rng.randint(2, 5)) for _ in range(n_options)]
+        frames = (torch.randn(rng.randint(10, 20), FEATURE_DIM, generator=gen) * 0.5).half()
+        records.append(Record(index=i, vid=f"synthetic{i:05d}", question=question, options=options,
+                              answer=rng.randrange(n_options), qtype=rng.randint(1, 8), frames=frames))
+    return records

@@ -18,10 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..data.dataset import Batch, TaskBatch
+from .inputs import FEATURE_DIM, Batch, TaskBatch
 from .llama import Transformer, rope_cos_sin
-
-FEATURE_DIM = 768
 
 
 @dataclass
@@ -36,6 +34,7 @@ class FlipConfig:
     # The reference runs only the last ``adapter_layer`` layers and skips the others entirely;
     # flipvqa runs every layer unless this is set (needed for checkpoints trained that way).
     skip_unadapted_layers: bool = False
+    feature_dim: int = FEATURE_DIM  # width of the frame features visual_proj takes
 
 
 class AttentionGates(nn.Module):
@@ -54,7 +53,7 @@ class FlippedVQA(nn.Module):
         self.cfg = cfg
         self.backbone = backbone.requires_grad_(False)
         self.adapter_query = nn.Embedding(cfg.adapter_len * cfg.adapter_layer, args.dim)
-        self.visual_proj = nn.Linear(FEATURE_DIM, args.dim, bias=False)
+        self.visual_proj = nn.Linear(cfg.feature_dim, args.dim, bias=False)
         self.temporal_emb = nn.Embedding(cfg.max_feats, args.dim)
         # A ModuleDict per layer so that the names read ``layers.{j}.attention.gate1``.
         self.layers = nn.ModuleList(
@@ -100,23 +99,27 @@ class FlippedVQA(nn.Module):
         h[rows, slots] = frames.to(h.dtype)
         return h
 
-    def _video_bias_region(self, tb: TaskBatch, seqlen: int) -> Tensor:
-        """(n_seq or 1, 1, seq, seq) bool: queries after the video x keys on the video."""
-        v = self.cfg.max_feats
-        starts = tb.video_start
-        if bool((starts == starts[0]).all()):
-            starts = starts[:1]
-        pos = torch.arange(seqlen, device=starts.device)
-        s = starts[:, None]
-        rows = pos[None, :] >= s + v  # (n, seq)
-        cols = (pos[None, :] >= s) & (pos[None, :] < s + v)
-        return (rows[:, :, None] & cols[:, None, :])[:, None]
+    def attention_mask(self, video_start: Tensor, q_pos: Tensor, k_pos: Tensor, allowed: Tensor):
+        """``gate2 -> additive mask``: -inf where a query may not attend (``allowed`` False),
+        plus the layer's per-head ``gate2`` where a query after the video attends to a video key
+        (docs/faithfulness.md, "The video bias").
+
+        ``video_start`` (n,); ``q_pos`` (n or 1, q) and ``k_pos`` (n or 1, k): absolute positions
+        of the queries and keys; ``allowed`` (n or 1, q, k). The mask is (n or 1, 1, q, k)."""
+        if bool((video_start == video_start[0]).all()):
+            video_start = video_start[:1]  # one region for the whole batch
+        v, s = self.cfg.max_feats, video_start[:, None]
+        after_video = q_pos >= s + v  # (n, q)
+        on_video = (k_pos >= s) & (k_pos < s + v)  # (n, k)
+        region = (after_video[:, :, None] & on_video[:, None, :])[:, None]  # (n, 1, q, k)
+        base = torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, float("-inf"))[:, None]
+        return lambda gate2: base + region * gate2.float()
 
     def video_bias_mask(self, tb: TaskBatch, seqlen: int):
-        """``gate2 -> additive mask``: causal, plus a layer's video bias (SPEC.md section 7)."""
-        causal = torch.full((seqlen, seqlen), float("-inf"), device=tb.ids.device).triu(1)
-        region = self._video_bias_region(tb, seqlen)
-        return lambda gate2: causal + region * gate2.float()
+        """The mask of whole sequences: causal, plus the video bias."""
+        pos = torch.arange(seqlen, device=tb.ids.device)
+        causal = pos[None, :, None] >= pos[None, None, :]  # (1, q, k)
+        return self.attention_mask(tb.video_start, pos[None], pos[None], causal)
 
     def hidden(self, tb: TaskBatch, h: Tensor, video_bias: bool) -> Tensor:
         """Run the layers over whole sequences (causal; the video bias for VQA/VAQ)."""
@@ -201,20 +204,22 @@ class FlippedVQA(nn.Module):
     def score_options(self, batch: Batch) -> Tensor:
         """Mean cross-entropy of each option's answer tokens, (batch, n_options); lower is better.
 
-        The option sequences of a question are equal up to the answer; their common prefix
-        (instruction, video, dialogue, question, choices) runs once, and the option suffixes
-        attend to its keys/values. ``naive`` runs every option as a full sequence instead.
+        The option sequences of a question are equal up to the answer, so scoring runs in three
+        stages: the shared prefix (instruction, video, dialogue, question, choices) once per
+        question; every option's suffix against the prefix's keys/values; the suffixes' targets.
+        ``naive`` runs every option as a full sequence instead (the reference's way; same numbers).
         """
         tb = batch.tasks["vqa"]
         n_q = batch.video.shape[0]
         n_opt = tb.ids.shape[0] // n_q
         frames = self.video_inputs(batch.video)[1]
-        if not self.naive:
-            split = self._shared_prefix(tb, n_q, n_opt)
-            if split is not None:
-                return self._score_with_prefix(tb, frames, split, n_q, n_opt)
-        losses, rows = self.token_losses(tb, frames.repeat_interleave(n_opt, dim=0))
-        return _mean_per_row(losses, rows, tb.ids.shape[0]).view(n_q, n_opt)
+        split = None if self.naive else self._shared_prefix(tb, n_q, n_opt)
+        if split is None:
+            losses, rows = self.token_losses(tb, frames.repeat_interleave(n_opt, dim=0))
+            return _mean_per_row(losses, rows, tb.ids.shape[0]).view(n_q, n_opt)
+        prefix, past = self._run_prefix(tb, frames, split, n_q, n_opt)
+        suffix, h = self._run_suffixes(tb, prefix, past, split, n_q, n_opt)
+        return self._suffix_scores(tb, suffix, h, split, n_q, n_opt)
 
     def _shared_prefix(self, tb: TaskBatch, n_q: int, n_opt: int) -> Optional[Tensor]:
         """Per question, the number of leading tokens its options share and that no target
@@ -229,50 +234,52 @@ class FlippedVQA(nn.Module):
             return None
         return split
 
-    def _score_with_prefix(self, tb: TaskBatch, frames: Tensor, split: Tensor, n_q: int, n_opt: int) -> Tensor:
+    def _run_prefix(self, tb: TaskBatch, frames: Tensor, split: Tensor, n_q: int, n_opt: int
+                    ) -> tuple[TaskBatch, list]:
+        """Stage 1: each question's shared prefix (its first option's first ``split`` tokens,
+        right-padded to the longest), as whole sequences; returns them and every layer's keys/values."""
+        p_len = int(split.max())
+        first = tb.rows(torch.arange(n_q, device=split.device) * n_opt)  # option 0 of each question
+        prefix = TaskBatch(first.ids[:, :p_len], first.label_start, split, first.video_start)
+        h = self.embed(prefix, frames)
+        _, past = self.run_layers(h, self.backbone.rope(0, p_len, h.device), self.video_bias_mask(prefix, p_len),
+                                  keep_kv=True)
+        return prefix, past
+
+    def _run_suffixes(self, tb: TaskBatch, prefix: TaskBatch, past: list, split: Tensor, n_q: int,
+                      n_opt: int) -> tuple[Tensor, Tensor]:
+        """Stage 2: every option's tokens after ``split``, the options of a question side by side
+        in one row, attending to the prefix's keys (up to its own split) and causally to their own
+        option's earlier tokens. Returns the suffix ids (n_q, n_opt, s_len) and hidden states."""
         device = tb.ids.device
         ids = tb.ids.view(n_q, n_opt, -1)
-        p_len = int(split.max())
-        # 1) the shared prefixes, right-padded; their keys/values are kept per layer
-        first = TaskBatch(ids[:, 0, :p_len], tb.label_start.view(n_q, n_opt)[:, 0], split,
-                          tb.video_start.view(n_q, n_opt)[:, 0])
-        h = self.embed(first, frames)
-        _, past = self.run_layers(h, self.backbone.rope(0, p_len, device), self.video_bias_mask(first, p_len),
-                                  keep_kv=True)
-        # 2) every option's suffix, options side by side in one row per question
-        lengths = tb.length.view(n_q, n_opt)
-        s_len = int((lengths - split[:, None]).max())
+        s_len = int((tb.length.view(n_q, n_opt) - split[:, None]).max())
         t = torch.arange(s_len, device=device)
         src = (split[:, None, None] + t).clamp(max=ids.shape[2] - 1)  # (n_q, 1, s_len)
         suffix = ids.gather(2, src.expand(n_q, n_opt, s_len))  # (n_q, n_opt, s_len)
-        positions = (split[:, None] + t).repeat(1, n_opt)  # (n_q, n_opt * s_len)
+        q_pos = (split[:, None] + t).repeat(1, n_opt)  # (n_q, n_opt * s_len): absolute positions
+        p_len = prefix.ids.shape[1]
+        k_pos = torch.cat([torch.arange(p_len, device=device).expand(n_q, p_len), q_pos], dim=1)
+        q_opt = torch.arange(n_opt, device=device).repeat_interleave(s_len)  # which option a query is
+        same_option_causal = (q_opt[:, None] == q_opt[None, :]) & (t.repeat(n_opt)[None, :] <= t.repeat(n_opt)[:, None])
+        prefix_valid = torch.arange(p_len, device=device)[None, :] < split[:, None]  # (n_q, p_len)
+        allowed = torch.cat([prefix_valid[:, None, :].expand(n_q, q_pos.shape[1], p_len),
+                             same_option_causal[None].expand(n_q, -1, -1)], dim=2)
+        mask_for = self.attention_mask(prefix.video_start, q_pos, k_pos, allowed)
         h = self.backbone.tok_embeddings(suffix.reshape(n_q, -1))
-        rope = rope_cos_sin(self.backbone.inv_freq, positions)
-        # keys: the question's prefix (valid up to its split; video columns get the bias),
-        # then the suffixes (causal within the same option)
-        kpos = torch.arange(p_len, device=device)
-        prefix_ok = kpos[None, :] < split[:, None]  # (n_q, p_len)
-        vstart = first.video_start[:, None]
-        prefix_video = (kpos[None, :] >= vstart) & (kpos[None, :] < vstart + self.cfg.max_feats)
-        q_opt = torch.arange(n_opt, device=device).repeat_interleave(s_len)
-        q_t = t.repeat(n_opt)
-        suffix_ok = (q_opt[:, None] == q_opt[None, :]) & (q_t[None, :] <= q_t[:, None])  # (q, k)
-        q_count = n_opt * s_len
-        allowed = torch.cat([prefix_ok[:, None, :].expand(n_q, q_count, p_len),
-                             suffix_ok[None].expand(n_q, q_count, q_count)], dim=2)
-        base = torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))[:, None]
-        video_cols = torch.cat([prefix_video, torch.zeros(n_q, q_count, dtype=torch.bool, device=device)], dim=1)
-        video_cols = video_cols[:, None, None, :]  # (n_q, 1, 1, keys): every suffix query follows the video
-        h, _ = self.run_layers(h, rope, lambda gate2: base + video_cols * gate2.float(), past=past)
-        # 3) targets: option k's tokens from its label start, predicted one position earlier
-        h = h.view(n_q, n_opt, s_len, -1)
-        label_start = tb.label_start.view(n_q, n_opt)
-        pos = split[:, None, None] + t  # absolute position of suffix slot t
-        is_target_input = (pos >= label_start[..., None] - 1) & (pos < lengths[..., None] - 1)
-        qi, oi, ti = is_target_input.nonzero(as_tuple=True)
-        targets = suffix[qi, oi, (ti + 1)]
+        h, _ = self.run_layers(h, rope_cos_sin(self.backbone.inv_freq, q_pos), mask_for, past=past)
+        return suffix, h.view(n_q, n_opt, s_len, -1)
+
+    def _suffix_scores(self, tb: TaskBatch, suffix: Tensor, h: Tensor, split: Tensor, n_q: int,
+                       n_opt: int) -> Tensor:
+        """Stage 3: option k's targets are its tokens from its label start on, each predicted by
+        the position before it; its score is their mean cross-entropy."""
+        lengths, label_start = tb.length.view(n_q, n_opt), tb.label_start.view(n_q, n_opt)
+        pos = split[:, None, None] + torch.arange(suffix.shape[2], device=h.device)  # absolute position of slot t
+        predicts_target = (pos >= label_start[..., None] - 1) & (pos < lengths[..., None] - 1)
+        qi, oi, ti = predicts_target.nonzero(as_tuple=True)
         logits = self.backbone.output(self.backbone.norm(h[qi, oi, ti])).float()
-        losses = F.cross_entropy(logits, targets, reduction="none")
+        losses = F.cross_entropy(logits, suffix[qi, oi, ti + 1], reduction="none")
         return _mean_per_row(losses, qi * n_opt + oi, n_q * n_opt).view(n_q, n_opt)
 
 

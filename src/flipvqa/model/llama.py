@@ -53,7 +53,7 @@ class ModelArgs:
 
 
 # Named backbone shapes (random weights for benchmarks; real weights come from checkpoints).
-PRESETS: dict[str, ModelArgs] = {
+SHAPES: dict[str, ModelArgs] = {
     "llama-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32),
     "llama-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40),
     "llama-33b": ModelArgs(dim=6656, n_layers=60, n_heads=52),
@@ -126,6 +126,10 @@ class Attention(nn.Module):
         # naive: the reference's hand-written attention (one score matrix over prompt and sequence,
         # mask add, two softmaxes) instead of the fused kernel; for benchmarks, same numbers.
         self.naive = False
+        # keep_probs: also run the hand-written attention and keep its sequence softmax in
+        # ``probs`` (batch, heads, seq, keys), for pictures of what the model looks at.
+        self.keep_probs = False
+        self.probs: Optional[Tensor] = None
 
     def forward(
         self,
@@ -157,8 +161,9 @@ class Attention(nn.Module):
             v = torch.cat([past_kv[1], v], dim=2)
         present = (k, v)
         gqa = self.n_kv_heads != self.n_heads
-        if self.naive:
-            out = self._naive_attention(q, k, v, mask, prompt, prompt_gate)
+        if self.naive or self.keep_probs:
+            out, probs = self._naive_attention(q, k, v, mask, prompt, prompt_gate)
+            self.probs = probs.detach() if self.keep_probs else None
             return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1)), present
         if mask is None:
             assert past_kv is None, "a prefix needs an explicit mask"
@@ -170,7 +175,8 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
         return self.wo(out), present
 
-    def _naive_attention(self, q, k, v, mask, prompt, gate) -> Tensor:
+    def _naive_attention(self, q, k, v, mask, prompt, gate) -> tuple[Tensor, Tensor]:
+        """(output, the sequence softmax) of the reference's explicit computation."""
         rep = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         seqlen, keys = q.shape[2], k.shape[2]
@@ -187,8 +193,8 @@ class Attention(nn.Module):
         probs = F.softmax(seq_scores.float(), dim=-1).to(q.dtype)
         if prompt is not None:
             p_probs = F.softmax(scores[..., :plen].float(), dim=-1) * gate.float()
-            probs = torch.cat([p_probs.to(q.dtype), probs], dim=-1)
-        return torch.matmul(probs, v)
+            return torch.matmul(torch.cat([p_probs.to(q.dtype), probs], dim=-1), v), probs
+        return torch.matmul(probs, v), probs
 
     def _prompt_kv(self, prompt: Tensor) -> tuple[Tensor, Tensor]:
         """Prompt keys/values (1, heads, prompt_len, head_dim) through this layer's wk/wv, no rotary."""

@@ -1,0 +1,45 @@
+"""What the model consumes: token sequences per task and the video, batched.
+
+The data side (:mod:`flipvqa.data.dataset`) builds these; the model imports nothing of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+# Width of a frame feature when nothing says otherwise: CLIP ViT-L/14 image embeddings, what the
+# released features hold and the authors' visual_proj takes.
+FEATURE_DIM = 768
+
+
+@dataclass
+class TaskBatch:
+    ids: Tensor  # (n_seq, seq) token ids, video slots and pads 0
+    label_start: Tensor  # (n_seq,) first target position
+    length: Tensor  # (n_seq,) unpadded length
+    video_start: Tensor  # (n_seq,) first video slot
+
+    def to(self, device) -> "TaskBatch":
+        return TaskBatch(*(t.to(device, non_blocking=True) for t in
+                           (self.ids, self.label_start, self.length, self.video_start)))
+
+    def rows(self, index: Tensor | slice) -> "TaskBatch":
+        """The sequences ``index`` of this batch."""
+        return TaskBatch(self.ids[index], self.label_start[index], self.length[index], self.video_start[index])
+
+
+@dataclass
+class Batch:
+    video: Tensor  # (batch, max_feats, feature_dim)
+    tasks: dict[str, TaskBatch]  # per task: batch * n_seq_per_question sequences, question-major
+    answer: Tensor  # (batch,)
+    qtype: Tensor  # (batch,)
+    records: list[Any] = field(default_factory=list)  # the questions' records, passed through untouched
+
+    def to(self, device) -> "Batch":
+        return Batch(self.video.to(device, non_blocking=True),
+                     {k: v.to(device) for k, v in self.tasks.items()},
+                     self.answer.to(device), self.qtype.to(device), self.records)

@@ -12,6 +12,8 @@ import argparse
 import math
 import os
 import re
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -23,14 +25,9 @@ av = pytest.importorskip("av")
 pytest.importorskip("PIL")
 
 from flipvqa.errors import FlipVQAError  # noqa: E402
-from flipvqa.features import extract, video  # noqa: E402
-from flipvqa.features.extract import (  # noqa: E402
-    add_arguments,
-    assign_ids,
-    collect_videos,
-    extract_features,
-    run,
-)
+from flipvqa.features import clip, extract, video  # noqa: E402
+from flipvqa.features.collect import assign_ids, collect_videos  # noqa: E402
+from flipvqa.features.extract import add_arguments, extract_features, run  # noqa: E402
 from flipvqa.features.video import output_geometry, preprocess, sample_frames, select_slots  # noqa: E402
 
 # --------------------------------------------------------------------------- helpers
@@ -267,7 +264,7 @@ def test_extract_features_matches_direct_model_call(tmp_path: Path, tiny_clip: P
     assert summary["extracted"] == 2 and summary["failed"] == [] and summary["skipped_existing"] == 0
     features = torch.load(output, weights_only=True)
     assert set(features) == {"short", "long"}
-    model = extract.load_clip(tiny_clip, "cpu")
+    model = clip.load_clip(tiny_clip, "cpu")
     for video_id, n in [("short", 3), ("long", 4)]:
         assert features[video_id].shape == (n, 768) and features[video_id].dtype == torch.float16
         with torch.inference_mode():
@@ -310,7 +307,7 @@ def test_load_clip_from_full_clip_folder(tmp_path: Path) -> None:
     with torch.inference_mode():
         expected = full.get_image_features(pixel_values=pixels)  # CLIP's encode_image
         expected = expected if isinstance(expected, torch.Tensor) else expected.pooler_output
-        got = extract.load_clip(tmp_path, "cpu")(pixel_values=pixels).image_embeds
+        got = clip.load_clip(tmp_path, "cpu")(pixel_values=pixels).image_embeds
     assert got.shape == (2, 768)
     torch.testing.assert_close(got, expected)
 
@@ -318,12 +315,12 @@ def test_load_clip_from_full_clip_folder(tmp_path: Path) -> None:
 def test_load_clip_errors_are_user_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("transformers")
     with pytest.raises(FlipVQAError, match="no such CLIP model folder"):
-        extract.load_clip(tmp_path / "nowhere", "cpu")
+        clip.load_clip(tmp_path / "nowhere", "cpu")
     with pytest.raises(FlipVQAError, match="cannot load"):
-        extract.load_clip(tmp_path, "cpu")  # an empty folder
+        clip.load_clip(tmp_path, "cpu")  # an empty folder
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FlipVQAError, match="local folder"):  # an id never in any cache: fails at once
-        extract.load_clip("flipvqa-tests/no-such-model", "cpu")
+        clip.load_clip("flipvqa-tests/no-such-model", "cpu")
 
 
 def test_resume_skips_finished_videos(
@@ -369,12 +366,12 @@ def test_corrupt_video_is_skipped_and_reported(
     args = parser.parse_args(
         [str(videos), "--output", str(output), "--clip_model", str(tiny_clip), "--device", "cpu"]
     )
-    assert run(args) == 0
+    assert run(args) == 1  # some videos failed: the command fails, after writing the good one
     printed = capsys.readouterr().out
     assert "extracted 1 videos" in printed and "2 failed" in printed
     assert "broken" in printed and "blink" in printed
     assert set(torch.load(output, weights_only=True)) == {"good"}
-    assert run(args) == 0  # resumed: good is already there, the broken ones are listed again
+    assert run(args) == 1  # resumed: good is already there, the broken ones are listed again
     assert "1 already there, 2 failed" in capsys.readouterr().out
 
     args = parser.parse_args(
@@ -383,6 +380,25 @@ def test_corrupt_video_is_skipped_and_reported(
     assert run(args) == 1  # nothing extracted at all
     assert "failed broken (" in capsys.readouterr().out
     assert not (tmp_path / "none.pth").exists()
+
+
+def test_cli_exits_non_zero_when_a_video_failed(tmp_path: Path, tiny_clip: Path) -> None:
+    """Through the real command: the good video is written, the corrupt one listed, exit status 1."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    make_video(videos / "good.mp4", 50)
+    (videos / "corrupt.mp4").write_bytes(
+        np.random.default_rng(3).integers(0, 256, 2048, dtype=np.uint8).tobytes()
+    )
+    output = tmp_path / "feats.pth"
+    command = [sys.executable, "-m", "flipvqa", "extract-features", str(videos), "--output", str(output),
+               "--clip_model", str(tiny_clip), "--device", "cpu", "-q"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "extracted 1 videos, 0 already there, 1 failed" in done.stdout
+    assert f"failed corrupt ({videos / 'corrupt.mp4'})" in done.stdout
+    assert "corrupt.mp4: skipped" in done.stderr and "extract-features:" not in done.stderr  # -q: no bar
+    assert set(torch.load(output, weights_only=True)) == {"good"}
 
 
 def test_unreadable_existing_output_is_a_user_error(tmp_path: Path, tiny_clip: Path) -> None:

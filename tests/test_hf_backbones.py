@@ -175,7 +175,7 @@ def test_resolve_backbone_local_and_offline(saved, tmp_path, monkeypatch):
     with pytest.raises(FlipVQAError, match="pass a local folder"):
         resolve_backbone("flipvqa-test/no-such-model", cache_dir=tmp_path)
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(hf_module, "_hub_reachable", lambda endpoint: False)  # no network at all
+    monkeypatch.setattr(hf_module, "hub_reachable", lambda endpoint: False)  # no network at all
     with pytest.raises(FlipVQAError, match="offline .* pass a local folder"):
         resolve_backbone("flipvqa-test/no-such-model", cache_dir=tmp_path)
     assert time.monotonic() - start < 5

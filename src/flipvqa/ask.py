@@ -79,7 +79,7 @@ class Answerer:
 
     def video_features(self, video: str | Path) -> tuple[Tensor, list]:
         """CLIP features [frames, width] of a video file, and its sampled frames (uint8)."""
-        from .features.extract import embed, load_clip
+        from .features.clip import embed, load_clip
         from .features.video import sample_frames
 
         if self.clip_model is None:

@@ -202,7 +202,7 @@ def load_hf(folder: str | Path) -> tuple[ModelArgs, dict[str, Tensor]]:
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
-def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
     """A quick TCP probe, so that a machine without network fails in seconds instead of waiting
     out the hub client's timeouts. Behind a proxy the probe says nothing; the client decides."""
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
@@ -237,7 +237,7 @@ def resolve_backbone(name_or_path: str | Path, cache_dir: str | Path | None = No
         raise FlipVQAError(f"{name}: not a local folder, and huggingface_hub is not installed to "
                            f"download it (pip install huggingface_hub); or {local_hint}") from None
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") \
-        or constants.HF_HUB_OFFLINE or not _hub_reachable(constants.ENDPOINT)
+        or constants.HF_HUB_OFFLINE or not hub_reachable(constants.ENDPOINT)
     try:
         return Path(huggingface_hub.snapshot_download(
             name, allow_patterns=HUB_PATTERNS, cache_dir=cache_dir, local_files_only=offline,

@@ -45,8 +45,11 @@ class VQADataset(Dataset):
         self.encoded = []
         for rec in progress(records, f"tokenizing {name}".strip(), enabled=len(records) >= 2000):
             text = prompt_text(rec.question, rec.options, rec.dialogue)
-            self.encoded.append(encode_sample(tokenizer, text, rec.answer, n_options, max_feats,
-                                              max_seq_len, sub, tasks, all_options=not train))
+            try:
+                self.encoded.append(encode_sample(tokenizer, text, rec.answer, n_options, max_feats,
+                                                  max_seq_len, sub, tasks, all_options=not train))
+            except FlipVQAError as exc:  # name the question
+                raise FlipVQAError(f"{name or 'dataset'}: question {rec.index} (video {rec.vid}): {exc}") from None
         self.n_truncated = sum(any(s.truncated for seqs in enc.values() for s in seqs)
                                for enc in self.encoded)
         self._check_fit(name, max_seq_len)

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..config import resolve
+from ..errors import FlipVQAError
 from .synthetic import MAX_FEATS, N_OPTIONS, DemoSpec, write_nextqa
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,8 @@ def train_and_evaluate(variant: Variant, data_path: Path, output_dir: Path, seed
 
 def run(args: argparse.Namespace) -> int:
     """Generate the data, train and evaluate every model, print the table (or ``--json``)."""
+    if args.epochs is not None and args.epochs < 1:
+        raise FlipVQAError(f"--epochs must be at least 1 (got {args.epochs})")
     start = time.time()
     torch.set_num_threads(min(torch.get_num_threads(), 4))  # tiny matrices: more threads only add overhead
     output_dir = Path(args.output_dir)

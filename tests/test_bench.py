@@ -60,3 +60,24 @@ def test_synthetic_records_are_nextqa_like_and_seeded():
         assert len(r.options) == 5 and all(2 <= len(o.split()) <= 5 for o in r.options)
         assert 10 <= r.frames.shape[0] <= 20 and r.frames.shape[1] == 768
     assert random_records(8, seed=4)[0].question != a[0].question
+
+
+def test_flop_count_matches_a_hand_count():
+    """train_flops on a 2-layer, dim-8 backbone and one VQA sequence of 5 tokens (targets from 3)."""
+    import torch
+
+    from flipvqa.bench.flops import count_tokens, train_flops
+    from flipvqa.model.flipped import FlipConfig, FlippedVQA
+    from flipvqa.model.inputs import Batch, TaskBatch
+    from flipvqa.model.llama import ModelArgs, Transformer
+
+    backbone = Transformer(ModelArgs(dim=8, n_layers=2, n_heads=2, vocab_size=16, hidden_dim=16))
+    model = FlippedVQA(backbone, FlipConfig(adapter_len=1, adapter_layer=2, max_feats=2))
+    vqa = TaskBatch(ids=torch.zeros(1, 7, dtype=torch.long), label_start=torch.tensor([3]),
+                    length=torch.tensor([5]), video_start=torch.tensor([1]))  # 2 pads after the 5 tokens
+    batch = Batch(video=torch.zeros(1, 2, 768), tasks={"vqa": vqa}, answer=torch.tensor([0]),
+                  qtype=torch.tensor([-1]))
+    assert count_tokens(batch, ("vqa",)) == (5, 15, 2)  # tokens, causal context 5*6/2, targets 5-3
+    matmul_weights = 2 * (4 * 8 * 8 + 3 * 8 * 16)  # per layer: wq wk wv wo, w1 w2 w3
+    forward = 2 * matmul_weights * 5 + 2 * 2 * 2 * 8 * 15 + 2 * 8 * 16 * 2
+    assert train_flops(model, batch, ("vqa",)) == 2 * forward == 28544

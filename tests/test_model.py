@@ -153,3 +153,43 @@ def test_bf16_backbone_scores_close_to_float32(llama_tokenizer):
         scores = model.eval().score_options(collate([val[i] for i in range(len(val))]))
     want = torch.tensor([s for b in expected("star")["val"]["batches"] for s in b["scores"]])
     torch.testing.assert_close(scores.float(), want, atol=0.1, rtol=0)
+
+
+def test_attention_keeps_its_probabilities_without_changing_a_number(llama_tokenizer):
+    """What ``ask --explain`` draws is the layer's own softmax: causal, video-biased, rows sum to 1."""
+    from flipvqa.ask import frame_attention
+
+    model, case = reference_model("nextqa")
+    val = dataset("nextqa", case, "val", llama_tokenizer)
+    batch = collate([val[0]])
+    one = batch.tasks["vqa"].rows(slice(0, 1))
+    frames = model.video_inputs(batch.video)[1]
+    plain = model.hidden(one, model.embed(one, frames), video_bias=True)
+    attention = model.backbone.layers[-1].attention
+    attention.keep_probs = True
+    kept = model.hidden(one, model.embed(one, frames), video_bias=True)
+    probs = attention.probs
+    attention.keep_probs = False
+    torch.testing.assert_close(plain, kept, atol=1e-5, rtol=0)
+    seqlen = one.ids.shape[1]
+    assert probs.shape == (1, model.backbone.args.n_heads, seqlen, seqlen)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]), atol=1e-5, rtol=0)
+    assert probs.triu(1).abs().max() == 0  # causal
+    per_slot = frame_attention(model, batch, 0)
+    assert len(per_slot) == case["max_feats"] and 0 < sum(per_slot) <= 1 + 1e-6
+    assert attention.probs is None and not attention.keep_probs  # switched off again
+
+
+def test_checkpoints_of_the_authors_code_skip_unadapted_layers():
+    """Their args have no skip_unadapted_layers: they ran only the adapted layers."""
+    import argparse
+
+    from flipvqa.config import resolve, with_stored_options
+
+    authors = {"model": "13B", "adapter_layer": 32}
+    assert resolve(with_stored_options(argparse.Namespace(), authors)).skip_unadapted_layers is True
+    ours = {**authors, "skip_unadapted_layers": False}
+    assert resolve(with_stored_options(argparse.Namespace(), ours)).skip_unadapted_layers is False
+    explicit = argparse.Namespace(skip_unadapted_layers=False, adapter_layer=40)
+    args = resolve(with_stored_options(explicit, authors))
+    assert args.skip_unadapted_layers is False and args.adapter_layer == 40 and args.model == "13B"

@@ -94,7 +94,7 @@ def parse_dtype(name: str) -> str:
     return DTYPE_SPELLINGS[key]
 
 
-# The paper's five runs (SPEC.md section 9; LLaMA 7B on 4 GPUs, TVQA on 8).
+# The paper's five runs (docs/faithfulness.md, "Presets"; LLaMA 7B on 4 GPUs, TVQA on 8).
 PRESETS: dict[str, dict] = {
     "nextqa": dict(dataset="nextqa", max_seq_len=128, batch_size=8, accum_iter=2, epochs=5, warmup_epochs=2,
                    blr=9e-2, weight_decay=0.14, bias=3.5, tau=100.0, max_feats=10, vaq=True, qav=True),
@@ -143,6 +143,10 @@ def with_stored_options(ns: argparse.Namespace, stored: dict) -> argparse.Namesp
     """``ns`` with each of :data:`MODEL_OPTIONS` it leaves unset taken from a checkpoint's
     stored args. A backbone given explicitly re-derives the tokenizer unless that is given too."""
     out = argparse.Namespace(**vars(ns))
+    if stored and "skip_unadapted_layers" not in stored and getattr(ns, "skip_unadapted_layers", None) is None:
+        # Saved by the authors' code, which runs only the adapted layers (the same as running all
+        # of them when every layer is adapted, as on 7B; not on their 13B).
+        out.skip_unadapted_layers = True
     explicit_backbone = getattr(ns, "model", None) is not None or getattr(ns, "llama_model_path", None) is not None
     for key in MODEL_OPTIONS:
         if getattr(out, key, None) is None and stored.get(key) is not None:

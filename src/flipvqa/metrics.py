@@ -1,4 +1,5 @@
-"""Accuracy from scored questions: plain, per question type, and the reference's log values."""
+"""Accuracy from scored questions: plain, per question type, and the reference's log values
+(docs/faithfulness.md, "Training schedule and log")."""
 
 from __future__ import annotations
 

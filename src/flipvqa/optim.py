@@ -1,4 +1,5 @@
-"""The optimizer and its learning-rate schedule, as the reference sets them up."""
+"""The optimizer and its learning-rate schedule, as the reference sets them up
+(docs/faithfulness.md, "Training schedule and log")."""
 
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 
 VQA predicts the answer letter, VAQ the question and QAV the video frames, each from the other two
 parts of the same <video, question, answer> triplet. The templates, the video placeholder slots and
-the overflow rules are the reference's (SPEC.md sections 1-3). Positions (where the video sits,
-where the targets start) come from the tokenized segments and character spans, never from
-hard-coded token ids, so any tokenizer works.
+the overflow rules are the reference's (docs/faithfulness.md: "Prompts", "Positions", "Overflow and
+labels"). Positions (where the video sits, where the targets start) come from the tokenized segments
+and character spans, never from hard-coded token ids, so any tokenizer works.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def build(tok: Tokenizer, task: str, text: PromptText, letter: int, max_feats: i
 
 def _fit(ids: list[int], label_start: int, video_start: int, dialogue: Optional[tuple[int, int]],
          max_feats: int, max_len: int, task: str) -> Sequence:
-    """Apply the reference's overflow rule (SPEC.md section 3)."""
+    """Apply the reference's overflow rule (docs/faithfulness.md, "Overflow and labels")."""
     if len(ids) <= max_len:
         return Sequence(ids, label_start, video_start)
     if dialogue is not None and dialogue[0] != dialogue[1]:

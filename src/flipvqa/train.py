@@ -64,9 +64,9 @@ def train(args: argparse.Namespace) -> dict:
     if start_epoch >= args.epochs:
         log.warning("nothing to train: the checkpoint is at epoch %d and --epochs is %d", start_epoch - 1, args.epochs)
 
-    # The reference's sampler: shuffled once (seeded), the same order every epoch unless distributed.
-    sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                 seed=args.seed)
+    # The reference's sampler: shuffled with its default seed 0 whatever --seed is (--seed sets the
+    # initial weights), the same order every epoch unless distributed.
+    sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=0)
     loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                         collate_fn=collate, pin_memory=device.type == "cuda", drop_last=False,
                         persistent_workers=args.num_workers > 0)

@@ -12,7 +12,8 @@ N_OPTIONS = 5
 
 
 def scene_frames(vid: str, shots: list, features: dict):
-    """Concatenate the scene's shots; a missing shot contributes one zero row (as the reference)."""
+    """Concatenate the scene's shots; a missing shot contributes one zero row, as the reference
+    does (docs/faithfulness.md, "Video features")."""
     first, last = int(shots[0]), int(shots[1])
     parts = []
     for i in range(first, last + 1):

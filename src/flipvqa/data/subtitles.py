@@ -1,7 +1,7 @@
 """Dialogue text for ``--sub`` (TVQA's ``.srt`` files, VLEP's ``vlep_subtitles.jsonl``).
 
 A caption is kept when it lies in the question's window or overlaps its start, with the
-reference's rule and its integer-second times (SPEC.md section 5).
+reference's rule and its integer-second times (docs/faithfulness.md, "Subtitles").
 """
 
 from __future__ import annotations

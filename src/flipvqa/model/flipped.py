@@ -5,7 +5,8 @@ Trainable (float32), with the authors' parameter names so that their checkpoints
 (768 -> dim), ``temporal_emb`` (one row per frame slot) and per layer
 ``layers.{j}.attention.gate1`` (zero-init, ``tanh`` gate on the prompt attention) and
 ``layers.{j}.attention.gate2`` (init ``-bias``, added to the attention scores from the text after
-the video to the video tokens).
+the video to the video tokens). docs/faithfulness.md ("The video bias", "Losses and scoring")
+writes out what the reference computes here.
 """
 
 from __future__ import annotations

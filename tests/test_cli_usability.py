@@ -71,10 +71,24 @@ def test_flags_a_command_does_not_take_are_errors():
     run = flipvqa("ask", "v.mp4", "--question", "why", "--choices", "a", "b", "--resume", CHECKPOINT,
                   "--preset", "nextqa")
     assert run.returncode == 2 and "unrecognized arguments: --preset" in run.stderr
-    run = flipvqa(*eval_flags(), "--epochs", "3")
-    assert run.returncode == 2 and "--epochs" in run.stderr
+    run = flipvqa("ask", "v.mp4", "--question", "why", "--choices", "a", "b", "--resume", CHECKPOINT,
+                  "--epochs", "3")
+    assert run.returncode == 2 and "unrecognized arguments: --epochs" in run.stderr
+    run = flipvqa("train", "--split", "val")
+    assert run.returncode == 2 and "unrecognized arguments: --split" in run.stderr
     line = one_line_error(flipvqa("demo", "--epochs", "0", "--output_dir", "unused"))
     assert "--epochs" in line
+
+
+def test_eval_takes_the_authors_evaluation_command(tmp_path):
+    """Their evaluation command is the training command with eval.py and --resume: it works, and
+    the training options it carries are named as ignored."""
+    run = flipvqa(*eval_flags(output_dir=tmp_path), "--epochs", "5", "--warmup_epochs", "2", "--blr", "9e-2",
+                  "--weight_decay", "0.14", "--accum_iter", "2")
+    assert run.returncode == 0, run.stderr
+    assert "eval ignores the training options --epochs --accum_iter --warmup_epochs --blr --weight_decay" in run.stderr
+    want = expected("nextqa")["val"]["accuracy"]
+    assert f"accuracy: {want:.4f}" in run.stdout
 
 
 # ---------------------------------------------------------------------------- quiet

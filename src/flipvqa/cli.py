@@ -11,7 +11,7 @@ import sys
 from typing import Callable, Optional
 
 from . import __version__
-from .config import PRESETS, add_run_arguments, resolve, with_stored_options
+from .config import PRESETS, add_run_arguments, ignored_training_flags, resolve, with_stored_options
 from .errors import FlipVQAError
 from .io import show_progress
 
@@ -39,6 +39,10 @@ def _eval(ns: argparse.Namespace) -> int:
     from .checkpoints.trainable import stored_args
     from .evaluate import evaluate
 
+    ignored = ignored_training_flags(ns)
+    if ignored:
+        log.warning("eval ignores the training options %s (accepted because the authors' evaluation "
+                    "command is their training command with --resume)", " ".join(ignored))
     ckpt = None
     if ns.resume:  # the model options the checkpoint was trained with, unless given
         ckpt = load_checkpoint(ns.resume)

@@ -109,6 +109,17 @@ PRESETS: dict[str, dict] = {
 }
 
 
+_FIELD_TYPES = {f.name: str(f.type).replace("Optional[", "").rstrip("]") for f in dataclasses.fields(RunConfig)}
+# Training options that evaluation accepts and ignores (the authors' evaluation commands pass them).
+TRAINING_ONLY = ("epochs", "accum_iter", "warmup_epochs", "blr", "lr", "min_lr", "weight_decay", "vaq", "qav",
+                 "grad_checkpointing")
+
+
+def ignored_training_flags(ns: argparse.Namespace) -> list[str]:
+    """The training-only flags given to ``flipvqa eval``."""
+    return [f"--{name}" for name in TRAINING_ONLY if getattr(ns, name, None) is not None]
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Add the :class:`RunConfig` fields that ``command`` uses as ``--name``. Defaults are left
     unset (None) here so that :func:`resolve` can tell an explicit flag from a preset value."""
@@ -133,10 +144,15 @@ def add_run_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--pin_mem", action="store_true", default=None, help=argparse.SUPPRESS)
         parser.add_argument("--no_pin_mem", action="store_true", default=None, help=argparse.SUPPRESS)
     if command == "eval":
-        # The objectives of the run a checkpoint came from: the reference's evaluation commands
-        # pass them, and they change nothing (evaluation scores with VQA alone).
-        parser.add_argument("--vaq", action="store_true", default=None, help=argparse.SUPPRESS)
-        parser.add_argument("--qav", action="store_true", default=None, help=argparse.SUPPRESS)
+        # The authors evaluate with their training command, eval.py for train.py, plus --resume:
+        # its training options are accepted (not listed) so that command works, and
+        # flipvqa eval says that it ignores them (see TRAINING_ONLY).
+        for name in TRAINING_ONLY:
+            kind = {"bool": None, "int": int, "float": float}[_FIELD_TYPES[name]]
+            if kind is None:
+                parser.add_argument(f"--{name}", action="store_true", default=None, help=argparse.SUPPRESS)
+            else:
+                parser.add_argument(f"--{name}", type=kind, default=None, help=argparse.SUPPRESS)
 
 
 def with_stored_options(ns: argparse.Namespace, stored: dict) -> argparse.Namespace:

@@ -9,8 +9,3 @@ and exits with status 2 instead of showing a traceback.
 class FlipVQAError(Exception):
     """An error caused by the user's input, reported as a single line."""
 
-
-def require(condition: bool, message: str) -> None:
-    """Raise :class:`FlipVQAError` with ``message`` unless ``condition`` holds."""
-    if not condition:
-        raise FlipVQAError(message)

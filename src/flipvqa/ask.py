@@ -34,7 +34,7 @@ from .data.subtitles import tvqa_dialogue
 from .devices import autocast, init_distributed
 from .errors import FlipVQAError
 from .model.flipped import FlippedVQA
-from .model.inputs import Batch
+from .model.inputs import FEATURE_DIM, Batch
 from .prompts import LETTERS, encode_sample, normalize_question, prompt_text
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,8 @@ class Answerer:
         self.args = resolve(with_stored_options(given, stored_args(ckpt)))
         self.dist, self.device = init_distributed(self.args.device)
         self.tokenizer = run_tokenizer(self.args)
-        self.feature_dim, self._feature_source = expected_feature_dim(ckpt, checkpoint)
+        self.feature_dim, self._feature_source = expected_feature_dim(ckpt, checkpoint) or \
+            (FEATURE_DIM, "the model's visual_proj")
         self.model = build_model(self.args, self.device, self.tokenizer, self.feature_dim)
         load_trainable(self.model, checkpoint, ckpt)
         self.model.eval()

@@ -53,7 +53,10 @@ def _eval(ns: argparse.Namespace) -> int:
     if getattr(ns, "json", False):
         print(json.dumps(result))
         return 0
-    print(f"accuracy: {result['accuracy']:.4f} ({result['n']} questions)")
+    if result["accuracy"] is None:
+        print(f"{result['n']} questions without answers: predictions only, no accuracy")
+    else:
+        print(f"accuracy: {result['accuracy']:.4f} ({result['n']} questions)")
     for name, acc in result["per_type"].items():
         print(f"  {name:<12} {acc:.4f}")
     if result["predictions"]:

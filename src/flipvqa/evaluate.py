@@ -27,8 +27,8 @@ def write_predictions(path: Path, rows: list[dict]) -> None:
 
 
 def evaluate(args: argparse.Namespace, ckpt: Optional[dict] = None) -> dict:
-    """Returns {"accuracy", "per_type", "n", "predictions": path or None}. ``ckpt``: the
-    ``--resume`` file's dict when it was read already."""
+    """Returns {"accuracy" (None for a split without answers), "per_type", "n", "predictions":
+    path or None}. ``ckpt``: the ``--resume`` file's dict when it was read already."""
     dist, device = init_distributed(args.device)
     seed_everything(args.seed)
     tokenizer = run_tokenizer(args)  # cheap checks before the backbone loads
@@ -36,7 +36,7 @@ def evaluate(args: argparse.Namespace, ckpt: Optional[dict] = None) -> dict:
         ckpt = load_checkpoint(args.resume)
     width = expected_feature_dim(ckpt, args.resume)
     dataset = data.build_dataset(args, tokenizer, args.split, train=False, feature_dim=width)
-    model = build_model(args, device, tokenizer)
+    model = build_model(args, device, tokenizer, dataset.feature_dim)
     if ckpt is not None:
         load_trainable(model, args.resume, ckpt)
     else:
@@ -44,8 +44,10 @@ def evaluate(args: argparse.Namespace, ckpt: Optional[dict] = None) -> dict:
     amp = autocast(device, model.backbone.tok_embeddings.weight.dtype)
     rows = score_split(model, eval_loader(dataset, args.batch_size, args.num_workers, dist), device, amp, dist,
                        desc=f"eval {args.split}")
-    result = {"accuracy": accuracy(rows), "n": len(rows), "predictions": None,
-              "per_type": per_type_accuracy(rows, data.type_names(args.dataset), data.type_groups(args.dataset))}
+    answered = all(r["answer"] is not None for r in rows)  # else a split for prediction only
+    names = data.type_names(args.dataset, (r["qtype"] for r in rows))
+    result = {"accuracy": accuracy(rows) if answered else None, "n": len(rows), "predictions": None,
+              "per_type": per_type_accuracy(rows, names, data.type_groups(args.dataset)) if answered else {}}
     if dist.is_main and args.output_dir:
         path = Path(args.output_dir) / f"predictions_{args.split}.jsonl"
         write_predictions(path, rows)

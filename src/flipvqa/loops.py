@@ -106,6 +106,7 @@ def score_split(model: FlippedVQA, loader: Iterable, device: torch.device, amp, 
         with amp:
             scores = model.score_options(batch.to(device)).float().cpu()
         for rec, s in zip(batch.records, scores):
+            s = s[:len(rec.options)]  # a question with fewer options than the batch's most
             rows.append({"index": rec.index, "qid": rec.qid, "vid": rec.vid, "answer": rec.answer,
                          "prediction": int(s.argmin()), "scores": s.tolist(), "qtype": rec.qtype})
     if dist.enabled:

@@ -15,7 +15,7 @@ from typing import Optional
 from .errors import FlipVQAError
 from .tokenizer import Tokenizer
 
-LETTERS = ("(A)", "(B)", "(C)", "(D)", "(E)")
+LETTERS = tuple(f"({chr(ord('A') + k)})" for k in range(26))  # (A) .. (Z): at most 26 options
 TASKS = ("vqa", "vaq", "qav")
 VIDEO_SLOT = 0  # placeholder id of a video slot; the model replaces its embedding
 
@@ -63,8 +63,8 @@ def normalize_question(raw: str) -> str:
 
 
 def prompt_text(question: str, options: list[str], dialogue: str = "") -> PromptText:
-    if len(options) > len(LETTERS):
-        raise FlipVQAError(f"{len(options)} options: at most {len(LETTERS)} are supported")
+    if not 2 <= len(options) <= len(LETTERS):
+        raise FlipVQAError(f"{len(options)} options: 2 to {len(LETTERS)} are supported")
     choices = "Choices: \n" + "".join(f"{LETTERS[k]} {opt}\n" for k, opt in enumerate(options))
     return PromptText(f"Question: {question}\n", choices, "Answer: The answer is ", dialogue)
 

@@ -42,7 +42,7 @@ def train(args: argparse.Namespace) -> dict:
     width = expected_feature_dim(ckpt, args.resume)
     train_set = data.build_dataset(args, tokenizer, "train", train=True, feature_dim=width)
     val_set = data.build_dataset(args, tokenizer, "val", train=False, feature_dim=width)
-    model = build_model(args, device, tokenizer)
+    model = build_model(args, device, tokenizer, train_set.feature_dim)
 
     eff_batch = args.batch_size * args.accum_iter * dist.world_size
     if args.lr is None:

@@ -16,7 +16,6 @@ import torch
 
 from ..errors import FlipVQAError
 from ..io import load_tensors, save_torch
-from ..model.inputs import FEATURE_DIM
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +38,13 @@ def stored_args(ckpt: dict) -> dict[str, Any]:
     return dict(vars(args)) if isinstance(args, argparse.Namespace) else {}
 
 
-def expected_feature_dim(ckpt: Optional[dict], path: str | Path) -> tuple[int, str]:
-    """(the frame-feature width the model's ``visual_proj`` takes, who says so): the checkpoint's
-    projection when it has one, else CLIP ViT-L/14's width."""
+def expected_feature_dim(ckpt: Optional[dict], path: str | Path) -> Optional[tuple[int, str]]:
+    """(the frame-feature width the checkpoint's ``visual_proj`` takes, who says so), or None
+    without a checkpoint (the model then takes the features' own width)."""
     weight = ckpt["model"].get("visual_proj.weight") if ckpt else None
     if torch.is_tensor(weight) and weight.dim() == 2:
         return int(weight.shape[1]), f"{path}'s visual_proj"
-    return FEATURE_DIM, "the model's visual_proj"
+    return None
 
 
 def check_weights(path: Path | str, weights: dict, expected: dict[str, torch.Size]) -> None:

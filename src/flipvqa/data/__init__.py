@@ -1,18 +1,20 @@
-"""Datasets: one small reader per released layout, all producing :class:`Record`; shared
-encoding, batching and collation in :mod:`flipvqa.data.dataset`."""
+"""Datasets: one small reader per released layout and the generic format
+(:mod:`flipvqa.data.generic`, any other ``--dataset`` name), all producing :class:`Record`;
+shared encoding, batching and collation in :mod:`flipvqa.data.dataset`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import FlipVQAError
 from ..prompts import TASKS
 from ..tokenizer import Tokenizer
-from . import dramaqa, nextqa, star, tvqa, vlep
+from . import dramaqa, generic, nextqa, star, tvqa, vlep
 from .dataset import VQADataset
-from .records import Record, feature_width, load_features
+from .records import FEATURE_DIM, Record, feature_width, load_features
 
 log = logging.getLogger(__name__)
 
@@ -23,20 +25,42 @@ def build_dataset(args: argparse.Namespace, tokenizer: Tokenizer, split: str, tr
                   features: dict | None = None, feature_dim: tuple[int, str] | None = None) -> VQADataset:
     """``split`` of the run's dataset, encoded: training encodes only the objectives that are
     on; evaluation scores with VQA alone. ``feature_dim``: (the width the model's projection
-    takes, who says so), checked against the features."""
-    records = load_split(args.data_path, args.dataset, split, args.sub, features, feature_dim)
+    takes, who says so), checked against the features; None takes the features' own width."""
+    root = dataset_root(args.data_path, args.dataset)
+    path = features_file(args.dataset, root)
+    if features is None:
+        features = load_features(path)
+    width = feature_width(features, path)
+    if feature_dim is not None and width is not None and width != feature_dim[0]:
+        raise FlipVQAError(f"{path}: the features are {width}-d, but {feature_dim[1]} takes "
+                           f"{feature_dim[0]}-d frame features")
+    records = load_split(args.data_path, args.dataset, split, args.sub, features)
     tasks = tuple(t for t in TASKS if t == "vqa" or getattr(args, t)) if train else ("vqa",)
     return VQADataset(records, tokenizer, n_options(args.dataset), args.max_feats, args.max_seq_len,
-                      args.sub, train=train, tasks=tasks, name=f"{args.dataset} {split}")
+                      args.sub, train=train, tasks=tasks, name=f"{args.dataset} {split}",
+                      feature_dim=width or (feature_dim[0] if feature_dim else FEATURE_DIM))
 
 
-def n_options(dataset: str) -> int:
-    return reader(dataset).N_OPTIONS
+def is_builtin(dataset: str) -> bool:
+    return dataset in READERS
 
 
-def type_names(dataset: str) -> dict[int, str]:
-    """Question-type code -> name, as the dataset's reader defines them ({} when it has none)."""
-    return {code: name for name, code in getattr(reader(dataset), "QTYPES", {}).items()}
+def reader(dataset: str):
+    """The reader module of a built-in dataset, else the generic format's."""
+    return READERS.get(dataset, generic)
+
+
+def n_options(dataset: str) -> int | None:
+    """The option count of a built-in dataset; None for the generic format (each question's own)."""
+    return getattr(reader(dataset), "N_OPTIONS", None)
+
+
+def type_names(dataset: str, qtypes: Iterable = ()) -> dict:
+    """Question-type code -> name: as a built-in reader defines them, or a generic dataset's own
+    type names (those among ``qtypes``); {} when there are none."""
+    if is_builtin(dataset):
+        return {code: name for name, code in getattr(reader(dataset), "QTYPES", {}).items()}
+    return {t: t for t in sorted({q for q in qtypes if isinstance(q, str)})}
 
 
 def type_groups(dataset: str) -> dict[str, tuple[int, ...]]:
@@ -50,29 +74,35 @@ def weighted_groups(dataset: str) -> bool:
     return getattr(reader(dataset), "WEIGHTED_GROUPS", False)
 
 
-def reader(dataset: str):
-    if dataset not in READERS:
-        raise FlipVQAError(f"unknown dataset {dataset!r}; known: {', '.join(READERS)}")
-    return READERS[dataset]
+def dataset_root(data_path: str | Path, dataset: str) -> Path:
+    """``<data_path>/<dataset>/``; a name that is neither built in nor a folder there is an error."""
+    root = Path(data_path) / dataset
+    if not root.is_dir():
+        if not is_builtin(dataset):
+            raise FlipVQAError(f"unknown dataset {dataset!r}: not one of the built-in {', '.join(READERS)}, "
+                               f"and {root} is not a folder in the generic format")
+        raise FlipVQAError(f"{root}: dataset folder not found (--data_path holds <dataset>/ folders)")
+    return root
+
+
+def features_file(dataset: str, root: Path) -> Path:
+    """Where a dataset's frame features are: ``clipvitl14.pth`` for the built-in ones, the
+    generic format's ``features.pth`` (else ``clipvitl14.pth``)."""
+    return root / "clipvitl14.pth" if is_builtin(dataset) else generic.features_file(root)
 
 
 def load_split(data_path: str | Path, dataset: str, split: str, sub: bool = False,
-               features: dict | None = None, feature_dim: tuple[int, str] | None = None) -> list[Record]:
+               features: dict | None = None, errors: list[str] | None = None) -> list[Record]:
     """Read ``<data_path>/<dataset>/`` for ``split`` into records, with their raw frame features.
-    ``feature_dim``: (expected width, who expects it), checked against the features file."""
-    module = reader(dataset)
-    root = Path(data_path) / dataset
-    if not root.is_dir():
-        raise FlipVQAError(f"{root}: dataset folder not found (--data_path holds <dataset>/ folders)")
-    path = root / "clipvitl14.pth"
+    ``errors`` (generic format): collect malformed lines there instead of stopping at the first."""
+    root = dataset_root(data_path, dataset)
     if features is None:
-        features = load_features(path)
-    width = feature_width(features, path)
-    if feature_dim is not None and width is not None and width != feature_dim[0]:
-        raise FlipVQAError(f"{path}: the features are {width}-d, but {feature_dim[1]} takes "
-                           f"{feature_dim[0]}-d frame features")
-    records = module.read(root, split, features, sub)
-    if not records:
+        features = load_features(features_file(dataset, root))
+    if is_builtin(dataset):
+        records = READERS[dataset].read(root, split, features, sub)
+    else:
+        records = generic.read(root, split, features, sub, errors)
+    if not records and errors is None:
         raise FlipVQAError(f"{root}: the {split} split has no questions")
     missing = [r.vid for r in records if r.frames is None]
     if missing:

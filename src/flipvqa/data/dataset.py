@@ -20,7 +20,7 @@ from ..io import progress
 from ..model.inputs import Batch, TaskBatch
 from ..prompts import TASKS, Sequence, encode_sample, prompt_text
 from ..tokenizer import Tokenizer
-from .records import Record, frames_to_slots
+from .records import FEATURE_DIM, Record, frames_to_slots
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +37,21 @@ class VQADataset(Dataset):
     """Records encoded into the three sequences (training: the correct letter; evaluation:
     every option, VQA only unless ``tasks`` says otherwise)."""
 
-    def __init__(self, records: list[Record], tokenizer: Tokenizer, n_options: int, max_feats: int,
+    def __init__(self, records: list[Record], tokenizer: Tokenizer, n_options: Optional[int], max_feats: int,
                  max_seq_len: int, sub: bool, train: bool, tasks: tuple[str, ...] = TASKS,
-                 name: str = ""):
-        self.records, self.max_feats = records, max_feats
+                 name: str = "", feature_dim: int = FEATURE_DIM):
+        """``n_options``: the count every question has (a built-in dataset's), or None for each
+        question's own; ``feature_dim``: the width of a missing video's zero frame."""
+        self.records, self.max_feats, self.feature_dim = records, max_feats, feature_dim
         self.tasks = tasks
         self.encoded = []
+        if train and any(rec.answer is None for rec in records):
+            raise FlipVQAError(f"{name or 'dataset'}: questions without an answer cannot be trained on")
         for rec in progress(records, f"tokenizing {name}".strip(), enabled=len(records) >= 2000):
             text = prompt_text(rec.question, rec.options, rec.dialogue)
+            count = len(rec.options) if n_options is None else n_options
             try:
-                self.encoded.append(encode_sample(tokenizer, text, rec.answer, n_options, max_feats,
+                self.encoded.append(encode_sample(tokenizer, text, rec.answer or 0, count, max_feats,
                                                   max_seq_len, sub, tasks, all_options=not train))
             except FlipVQAError as exc:  # name the question
                 raise FlipVQAError(f"{name or 'dataset'}: question {rec.index} (video {rec.vid}): {exc}") from None
@@ -75,15 +80,20 @@ class VQADataset(Dataset):
 
     def __getitem__(self, i: int) -> Item:
         rec = self.records[i]
-        video, video_len = frames_to_slots(rec.frames, self.max_feats)
+        video, video_len = frames_to_slots(rec.frames, self.max_feats, self.feature_dim)
         return Item(rec, video, video_len, self.encoded[i])
 
 
 def collate(items: list[Item], pad_to: Optional[int] = None) -> Batch:
-    """Stack items; sequences are padded to the longest in the batch (or to ``pad_to``)."""
+    """Stack items; sequences are padded to the longest in the batch (or to ``pad_to``). A
+    question with fewer option sequences than the batch's most repeats its last one (scored and
+    then dropped by the caller, see ``Batch.n_options``), so the model sees equal counts."""
     tasks = {}
+    counts = [len(item.sequences["vqa"]) for item in items] if "vqa" in items[0].sequences else [1]
+    n_options = torch.tensor(counts) if len(set(counts)) > 1 else None
     for task in items[0].sequences:
-        seqs = [s for item in items for s in item.sequences[task]]
+        most = max(len(item.sequences[task]) for item in items)
+        seqs = [s for item in items for s in _padded(item.sequences[task], most)]
         width = pad_to or max(len(s.ids) for s in seqs)
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         for row, s in enumerate(seqs):
@@ -92,6 +102,11 @@ def collate(items: list[Item], pad_to: Optional[int] = None) -> Batch:
                                 torch.tensor([len(s.ids) for s in seqs]),
                                 torch.tensor([s.video_start for s in seqs]))
     return Batch(video=torch.stack([item.video for item in items]), tasks=tasks,
-                 answer=torch.tensor([item.record.answer for item in items]),
-                 qtype=torch.tensor([item.record.qtype for item in items]),
-                 records=[item.record for item in items])
+                 answer=torch.tensor([-1 if item.record.answer is None else item.record.answer for item in items]),
+                 qtype=torch.tensor([item.record.qtype if isinstance(item.record.qtype, int) else -1
+                                     for item in items]),
+                 records=[item.record for item in items], n_options=n_options)
+
+
+def _padded(seqs: list[Sequence], count: int) -> list[Sequence]:
+    return seqs + [seqs[-1]] * (count - len(seqs))

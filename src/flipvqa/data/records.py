@@ -23,12 +23,12 @@ class Record:
     vid: str
     question: str  # already normalised ("Why ...?")
     options: list[str]
-    answer: int
-    qtype: int = -1  # the reader's QTYPES code; -1 when the dataset has none
+    answer: Optional[int]  # 0-based; None in a split used only for prediction
+    qtype: int | str = -1  # the reader's QTYPES code, a generic dataset's type name; -1: none
     qid: Optional[str] = None  # the dataset's own question id, where it has one
     dialogue: str = ""  # "Dialogue: ...\n" with --sub, else ""
     subtitles_missing: bool = False  # --sub but the video has no subtitles at all
-    frames: Optional[Tensor] = field(default=None, repr=False)  # [n, 768]; None: no features
+    frames: Optional[Tensor] = field(default=None, repr=False)  # [n, width]; None: no features
 
 
 def read_list(path: Path) -> list:
@@ -94,11 +94,11 @@ def slot_sources(n: int, max_feats: int) -> list[Optional[int]]:
     return list(range(n)) + [None] * (max_feats - n)
 
 
-def frames_to_slots(frames: Optional[Tensor], max_feats: int) -> tuple[Tensor, int]:
+def frames_to_slots(frames: Optional[Tensor], max_feats: int, width: int = FEATURE_DIM) -> tuple[Tensor, int]:
     """Exactly ``max_feats`` rows: uniform rows ``(j*n)//max_feats`` of a longer video, zero rows
-    after a shorter one. A missing video is one zero row. Returns (rows, video_len)."""
+    after a shorter one. A missing video is one zero row of ``width``. Returns (rows, video_len)."""
     if frames is None:
-        frames = torch.zeros(1, FEATURE_DIM)
+        frames = torch.zeros(1, width)
     frames = frames.float()
     n = frames.shape[0]
     if n > max_feats:

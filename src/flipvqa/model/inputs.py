@@ -6,7 +6,7 @@ The data side (:mod:`flipvqa.data.dataset`) builds these; the model imports noth
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from torch import Tensor
 
@@ -35,11 +35,14 @@ class TaskBatch:
 class Batch:
     video: Tensor  # (batch, max_feats, feature_dim)
     tasks: dict[str, TaskBatch]  # per task: batch * n_seq_per_question sequences, question-major
-    answer: Tensor  # (batch,)
-    qtype: Tensor  # (batch,)
+    answer: Tensor  # (batch,) -1 where unknown
+    qtype: Tensor  # (batch,) -1 where none (or a name, kept in the records)
     records: list[Any] = field(default_factory=list)  # the questions' records, passed through untouched
+    # (batch,) how many of a question's option sequences are real: questions with fewer options
+    # than the batch's most repeat their last one, so every question has as many (None: all real).
+    n_options: Optional[Tensor] = None
 
     def to(self, device) -> "Batch":
         return Batch(self.video.to(device, non_blocking=True),
                      {k: v.to(device) for k, v in self.tasks.items()},
-                     self.answer.to(device), self.qtype.to(device), self.records)
+                     self.answer.to(device), self.qtype.to(device), self.records, self.n_options)

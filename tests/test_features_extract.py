@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -135,9 +136,9 @@ def test_resume_skips_finished_videos(
 
     make_video(videos / "b.mp4", 50)
     decoded: list[str] = []
-    real = extract.sample_frames
+    real = extract.iter_frames
     monkeypatch.setattr(
-        extract, "sample_frames", lambda path, fps: decoded.append(Path(path).name) or real(path, fps)
+        extract, "iter_frames", lambda path, *a, **k: decoded.append(Path(path).name) or real(path, *a, **k)
     )
     summary = extract_features([videos], tiny_clip, output, device="cpu")
     assert decoded == ["b.mp4"]
@@ -146,7 +147,7 @@ def test_resume_skips_finished_videos(
     assert set(features) == {"a", "b"} and torch.equal(features["a"], first)
 
     decoded.clear()  # everything done: nothing decoded, the model not even loaded
-    monkeypatch.setattr(extract, "load_clip", lambda *a: pytest.fail("model loaded with nothing to do"))
+    monkeypatch.setattr(clip, "load_encoder", lambda *a: pytest.fail("model loaded with nothing to do"))
     assert extract_features([videos], tiny_clip, output)["skipped_existing"] == 2 and decoded == []
 
 
@@ -214,14 +215,14 @@ def test_interrupted_run_keeps_finished_videos(
 ) -> None:
     for name in "abc":
         make_video(tmp_path / f"{name}.mp4", 30)
-    real = extract.sample_frames
+    real = extract.iter_frames
 
-    def interrupt_at_c(path: Path, fps: float) -> np.ndarray:
+    def interrupt_at_c(path: Path, fps: float, crop: bool = True) -> Iterator[np.ndarray]:
         if Path(path).stem == "c":
             raise KeyboardInterrupt
-        return real(path, fps)
+        return real(path, fps, crop)
 
-    monkeypatch.setattr(extract, "sample_frames", interrupt_at_c)
+    monkeypatch.setattr(extract, "iter_frames", interrupt_at_c)
     output = tmp_path / "feats.pth"
     with pytest.raises(KeyboardInterrupt):
         extract_features(

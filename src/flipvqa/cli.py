@@ -14,6 +14,7 @@ from . import __version__
 from .config import PRESETS, add_run_arguments, ignored_training_flags, resolve, with_stored_options
 from .errors import FlipVQAError
 from .io import show_progress
+from .runstate import Interrupted
 
 log = logging.getLogger("flipvqa")
 
@@ -69,8 +70,10 @@ def _eval(ns: argparse.Namespace) -> int:
 PLUGINS = {
     "demo": ("flipvqa.demo", "train and evaluate a tiny Flipped-VQA model on synthetic videos, offline, on a CPU"),
     "bench": ("flipvqa.bench", "measure training and evaluation throughput (prints one JSON line)"),
-    "extract-features": ("flipvqa.features.extract", "extract CLIP ViT-L/14 frame features from video files"),
+    "extract-features": ("flipvqa.features.extract", "extract frame features (CLIP ViT-L/14, other CLIP or SigLIP towers) from video files"),
     "ask": ("flipvqa.ask", "answer a multiple-choice question about a video file"),
+    "report": ("flipvqa.report", "write an HTML report of training runs (losses, accuracy, mistakes)"),
+    "data": ("flipvqa.data.check", "check a dataset: every split, every line, the features"),
 }
 
 
@@ -129,6 +132,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except FlipVQAError as exc:
         print(f"flipvqa: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:  # a training run stopped by a signal, its state saved
+        print(f"flipvqa: {exc}", file=sys.stderr)
+        return exc.code
     except KeyboardInterrupt:
         print("flipvqa: interrupted", file=sys.stderr)
         return 130

@@ -63,7 +63,15 @@ class RunConfig:
     # run
     output_dir: str = _opt("./output_dir", "where checkpoints, log.txt and predictions go", ("train", "eval"))
     resume: str = _opt("", "checkpoint to load (the authors' or ours); train continues from it when it has "
-                           "optimizer state", ("train", "eval", "ask"))
+                           "optimizer state; train --resume auto continues <output_dir>/checkpoint_last.pth "
+                           "when there is one", ("train", "eval", "ask"))
+    save_every: int = _opt(500, "also save checkpoint_last.pth every N optimizer steps (0: at epoch ends only)",
+                           ("train",))
+    overwrite: bool = _opt(False, "start over in an --output_dir that holds an earlier run (removes its files)",
+                           ("train",))
+    skip_nonfinite: int = _opt(0, "skip up to N batches whose loss is not finite (default: stop at the first)",
+                               ("train",))
+    tensorboard: bool = _opt(False, "also write TensorBoard event files under <output_dir>/tensorboard", ("train",))
     seed: int = _opt(0, "random seed")
     num_workers: int = _opt(2, "data loader workers", ("train", "eval"))
     device: Optional[str] = _opt(None, "cuda | cpu | cuda:N (default: cuda if available)", MODEL)
@@ -107,6 +115,10 @@ PRESETS: dict[str, dict] = {
     "tvqa": dict(dataset="tvqa", max_seq_len=650, batch_size=1, accum_iter=4, epochs=5, warmup_epochs=2,
                  blr=7e-2, weight_decay=0.02, bias=3.0, tau=100.0, max_feats=10, sub=True, vaq=True, qav=True),
 }
+
+
+# The accuracy (%) the paper reports for each preset's run (LLaMA 7B; its Table 1).
+PAPER_ACCURACY = {"nextqa": 72.0, "star": 65.4, "dramaqa": 84.1, "vlep": 71.0, "tvqa": 82.2}
 
 
 _FIELD_TYPES = {f.name: str(f.type).replace("Optional[", "").rstrip("]") for f in dataclasses.fields(RunConfig)}
@@ -190,6 +202,9 @@ def resolve(ns: argparse.Namespace) -> argparse.Namespace:
             raise FlipVQAError(f"--{name} must be at least 1 (got {values[name]})")
     if values["warmup_epochs"] < 0:
         raise FlipVQAError(f"--warmup_epochs must be >= 0 (got {values['warmup_epochs']})")
+    for name in ("save_every", "skip_nonfinite"):
+        if values[name] < 0:
+            raise FlipVQAError(f"--{name} must be >= 0 (got {values[name]})")
     if values["num_workers"] < 0:
         raise FlipVQAError(f"--num_workers must be >= 0 (got {values['num_workers']})")
     if values["dtype"] is not None:

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import FlipVQAError
+from .faults import crash_point
 
 def first_line(exc: BaseException) -> str:
     """An exception's message cut to its first line (its type's name when it has none)."""
@@ -114,6 +115,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        crash_point("write")
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

@@ -1,10 +1,12 @@
-"""The inner loops: one training step, one training epoch, scoring a split."""
+"""The inner loops: one training step, one training epoch (resumable), scoring a split."""
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Iterable, Optional
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as torch_dist
@@ -12,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from .data.dataset import collate
 from .devices import Dist
-from .errors import FlipVQAError
+from .faults import crash_point
 from .io import progress
 from .model.flipped import FlippedVQA
 from .model.inputs import Batch
@@ -21,70 +23,149 @@ from .optim import lr_at
 LOSS_KEYS = ("loss", "vqa_loss", "vaq_loss", "qav_loss")
 
 
-def train_step(model: FlippedVQA, batch: Batch, optimizer: torch.optim.Optimizer, *, amp, dist: Dist,
-               accum_iter: int = 1, update: bool = True, scaler=None, where: str = "") -> list[float]:
-    """Forward and backward of one batch (the loss divided by ``accum_iter``); with ``update``,
-    also average the gradients over ranks, step the optimizer and zero the gradients.
+class NonFinite(Exception):
+    """A batch whose loss is not finite; ``bad`` names the losses that are not."""
 
-    Returns the batch's (loss, vqa, vaq, qav) before the division. A non-finite loss stops the
-    run, as the reference's does, before it reaches the weights."""
+    def __init__(self, values: list[float]):
+        self.values = values
+        self.bad = [k for k, v in zip(LOSS_KEYS[1:], values[1:]) if not math.isfinite(v)] or ["loss"]
+        super().__init__(", ".join(self.bad))
+
+
+class Stop(Exception):
+    """Raised by a loop when its ``should_stop`` says so, at a point safe to resume from."""
+
+
+def train_step(model: FlippedVQA, batch: Batch, *, amp, dist: Dist, accum_iter: int = 1, scaler=None) -> list[float]:
+    """Forward and backward of one batch (the loss divided by ``accum_iter``); returns the
+    batch's (loss, vqa, vaq, qav). A loss that is not finite on any rank raises
+    :class:`NonFinite` on every rank before anything reaches the gradients."""
     with amp:
         vqa, vaq, qav = model(batch)
     loss = vqa + vaq + qav
     values = [t.item() for t in (loss, vqa, vaq, qav)]
-    if not math.isfinite(values[0]):
-        bad = [k for k, v in zip(LOSS_KEYS[1:], values[1:]) if not math.isfinite(v)]
-        raise FlipVQAError(f"{where}: the loss is {values[0]} ({', '.join(bad) or 'the sum'} not finite); "
-                           f"stopping (lower --blr/--lr, use bf16 rather than fp16, or check the features)")
+    finite = math.isfinite(values[0])
+    if dist.enabled:  # every rank must take the same path
+        flag = torch.tensor([1.0 if finite else 0.0], device=loss.device)
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MIN)
+        finite = bool(flag.item())
+    if not finite:
+        raise NonFinite(values)
     loss = loss / accum_iter
     (scaler.scale(loss) if scaler else loss).backward()
-    if update:
-        if dist.enabled:
-            _average_gradients([p for _, p in model.trainable_parameters()], dist)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
     return values
 
 
-def train_one_epoch(model: FlippedVQA, loader: DataLoader, optimizer: torch.optim.Optimizer, epoch: int,
-                    args, device: torch.device, amp, dist: Dist, scaler=None) -> dict[str, float]:
-    """One epoch; returns the means over its batches (the reference's ``train_*`` values).
-
-    The lr is set from the fractional epoch at the first batch of every accumulation; the
-    gradients are zeroed at the start, so an epoch's leftover micro-batches are dropped, as the
-    reference does (docs/faithfulness.md, "Training schedule and log")."""
-    model.train()
-    sums = dict.fromkeys(("lr", *LOSS_KEYS), 0.0)
-    n_batches = len(loader)
+def optimizer_step(model: FlippedVQA, optimizer: torch.optim.Optimizer, *, dist: Dist, scaler=None) -> float:
+    """Average the gradients over ranks, step and zero them; returns the gradients' L2 norm."""
+    params = [p for _, p in model.trainable_parameters()]
+    if dist.enabled:
+        _average_gradients(params, dist)
+    if scaler:
+        scaler.unscale_(optimizer)
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item() \
+        if grads else 0.0
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    bar = progress(loader, f"epoch {epoch}", enabled=dist.is_main)
-    for step, batch in enumerate(bar):
+    return norm
+
+
+@dataclass
+class EpochState:
+    """Where an epoch is: ``step`` batches done, the log sums of those batches, the non-finite
+    batches skipped. ``at_boundary`` is the same at the last optimizer step (what a stop saves)."""
+
+    epoch: int
+    n_batches: int
+    step: int = 0
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("lr", *LOSS_KEYS), 0.0))
+    skipped: int = 0
+    at_boundary: tuple = ()
+
+    def mark_boundary(self) -> None:
+        self.at_boundary = (self.step, dict(self.sums), self.skipped)
+
+
+@dataclass
+class Hooks:
+    """What the epoch loop tells its caller: ``on_update(state, metrics)`` after every optimizer
+    step; ``should_stop()`` is asked after every batch; ``on_nonfinite(state, error, batch)``
+    decides whether a non-finite batch is skipped (returns True) or stops the run (raises)."""
+
+    on_update: Callable[[EpochState, dict], None] = lambda state, metrics: None
+    should_stop: Callable[[], bool] = lambda: False
+    on_nonfinite: Optional[Callable] = None
+
+
+def train_one_epoch(model: FlippedVQA, loader: Iterable, optimizer: torch.optim.Optimizer, state: EpochState,
+                    args, device: torch.device, amp, dist: Dist, scaler=None, hooks: Hooks = Hooks()
+                    ) -> dict[str, float]:
+    """The rest of an epoch from ``state.step`` (``loader`` yields its remaining batches);
+    returns the means over its batches (the reference's ``train_*`` values).
+
+    The lr is set from the fractional epoch at the first batch of every accumulation; gradients
+    are zeroed at the start, so an epoch's leftover micro-batches are dropped, as the reference
+    does (docs/faithfulness.md, "Training schedule and log"). Raises :class:`Stop` when
+    ``hooks.should_stop()``: ``state.at_boundary`` is then the point to resume from."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    state.mark_boundary()
+    bar = progress(loader, f"epoch {state.epoch}", enabled=dist.is_main, initial=state.step, total=state.n_batches)
+    started, accumulated = time.perf_counter(), []
+    for batch in bar:
+        step = state.step
         if step % args.accum_iter == 0:
-            lr = lr_at(epoch + step / n_batches, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
+            lr = lr_at(state.epoch + step / state.n_batches, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        values = train_step(model, batch.to(device), optimizer, amp=amp, dist=dist, accum_iter=args.accum_iter,
-                            update=(step + 1) % args.accum_iter == 0, scaler=scaler,
-                            where=f"epoch {epoch} step {step} (videos {_videos(batch)})")
-        for key, value in zip(LOSS_KEYS, values):
-            sums[key] += value
-        sums["lr"] += optimizer.param_groups[0]["lr"]
-        bar.set_postfix(loss=f"{values[0]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-    means = {k: v / max(n_batches, 1) for k, v in sums.items()}
-    if dist.enabled:  # the reference averages the epoch's statistics over all ranks
+        try:
+            values = train_step(model, batch.to(device), amp=amp, dist=dist, accum_iter=args.accum_iter, scaler=scaler)
+        except NonFinite as error:
+            if hooks.on_nonfinite is None:
+                raise
+            hooks.on_nonfinite(state, error, batch)  # raises unless the batch is to be skipped
+            values = None
+            state.skipped += 1
+        crash_point("micro_batch")
+        if values is not None:
+            accumulated.append(values)
+            for key, value in zip(LOSS_KEYS, values):
+                state.sums[key] += value
+            state.sums["lr"] += optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{values[0]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        state.step += 1
+        if state.step % args.accum_iter == 0:
+            if accumulated:  # an accumulation whose every batch was skipped is no step
+                norm = optimizer_step(model, optimizer, dist=dist, scaler=scaler)
+                means = [sum(col) / len(accumulated) for col in zip(*accumulated)]
+                metrics = {"lr": optimizer.param_groups[0]["lr"], **dict(zip(LOSS_KEYS, means)), "grad_norm": norm,
+                           "seconds": time.perf_counter() - started}
+                state.mark_boundary()
+                hooks.on_update(state, metrics)
+            else:
+                state.mark_boundary()
+            started, accumulated = time.perf_counter(), []
+        if hooks.should_stop():
+            raise Stop
+    state.mark_boundary()  # the whole epoch is trained: a stop during validation resumes there
+    return epoch_means(state, device, dist)
+
+
+def epoch_means(state: EpochState, device: torch.device, dist: Dist) -> dict[str, float]:
+    """The epoch's log values: means over its batches (skipped ones left out), averaged over
+    ranks as the reference does."""
+    counted = max(state.n_batches - state.skipped, 1)
+    means = {k: v / counted for k, v in state.sums.items()}
+    if dist.enabled:
         t = torch.tensor(list(means.values()), dtype=torch.float64, device=device)
         torch_dist.all_reduce(t)
         means = dict(zip(means, (t / dist.world_size).tolist()))
     return means
-
-
-def _videos(batch: Batch, most: int = 4) -> str:
-    vids = [r.vid for r in batch.records]
-    return ", ".join(vids[:most]) + (f" and {len(vids) - most} more" if len(vids) > most else "")
 
 
 def _average_gradients(params: list[torch.Tensor], dist: Dist) -> None:
@@ -97,7 +178,7 @@ def _average_gradients(params: list[torch.Tensor], dist: Dist) -> None:
 
 @torch.no_grad()
 def score_split(model: FlippedVQA, loader: Iterable, device: torch.device, amp, dist: Dist,
-                desc: str = "eval") -> list[dict]:
+                desc: str = "eval", should_stop: Callable[[], bool] = lambda: False) -> list[dict]:
     """Per-option scores of every question of the loader, gathered on every rank and sorted by
     the question's index (each question exactly once, also under torchrun)."""
     model.eval()
@@ -109,6 +190,9 @@ def score_split(model: FlippedVQA, loader: Iterable, device: torch.device, amp, 
             s = s[:len(rec.options)]  # a question with fewer options than the batch's most
             rows.append({"index": rec.index, "qid": rec.qid, "vid": rec.vid, "answer": rec.answer,
                          "prediction": int(s.argmin()), "scores": s.tolist(), "qtype": rec.qtype})
+        crash_point("validation")
+        if should_stop():
+            raise Stop
     if dist.enabled:
         gathered = [None] * dist.world_size
         torch_dist.all_gather_object(gathered, rows)

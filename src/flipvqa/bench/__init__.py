@@ -49,7 +49,7 @@ from ..data.dataset import Item, VQADataset, collate
 from ..demo.synthetic import random_records
 from ..devices import DTYPES, Dist, autocast, init_distributed, seed_everything
 from ..errors import FlipVQAError
-from ..loops import train_step
+from ..loops import optimizer_step, train_step
 from ..model.flipped import FlippedVQA
 from ..model.inputs import Batch
 from ..model.llama import SHAPES
@@ -167,8 +167,8 @@ def _phase(step: Callable[[Batch], None], batches: list[Batch], warmup: int, mem
 
 def train_step_fn(model: FlippedVQA, args: argparse.Namespace, device: torch.device,
                   dtype: torch.dtype) -> Callable[[Batch], None]:
-    """One optimisation step: ``loops.train_step``, the function ``flipvqa train`` calls, with
-    no gradient accumulation."""
+    """One optimisation step: ``loops.train_step`` and ``loops.optimizer_step``, the functions
+    ``flipvqa train`` calls, with no gradient accumulation."""
     lr = args.lr if args.lr is not None else base_lr(args.blr, args.batch_size, 1, 1)
     optimizer = make_optimizer(model, args.weight_decay, lr)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and dtype == torch.float16 else None
@@ -176,7 +176,8 @@ def train_step_fn(model: FlippedVQA, args: argparse.Namespace, device: torch.dev
 
     def step(batch: Batch) -> None:
         model.train()
-        train_step(model, batch, optimizer, amp=amp, dist=dist, scaler=scaler, where="bench")
+        train_step(model, batch, amp=amp, dist=dist, scaler=scaler)
+        optimizer_step(model, optimizer, dist=dist, scaler=scaler)
 
     return step
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import FlipVQAError
 from ..prompts import normalize_question
 from .records import FEATURE_DIM, Record, check_answer, field_of, options_of, read_list
 
@@ -15,10 +16,11 @@ def scene_frames(vid: str, shots: list, features: dict):
     """Concatenate the scene's shots; a missing shot contributes one zero row, as the reference
     does (docs/faithfulness.md, "Video features")."""
     first, last = int(shots[0]), int(shots[1])
+    width = next((int(v.shape[1]) for v in features.values()), FEATURE_DIM)
     parts = []
     for i in range(first, last + 1):
         key = vid[:-4] + f"{i:04}"
-        parts.append(features[key].float() if key in features else torch.zeros(1, FEATURE_DIM))
+        parts.append(features[key].float() if key in features else torch.zeros(1, width))
     return torch.cat(parts) if parts else None
 
 
@@ -29,7 +31,10 @@ def read(root: Path, split: str, features: dict, sub: bool) -> list[Record]:
         vid = str(field_of(row, "vid", path, n))
         options = options_of(row, "answers", path, n, N_OPTIONS)
         if vid.endswith("0000"):
-            frames = scene_frames(vid, field_of(row, "shot_contained", path, n, list), features)
+            shots = field_of(row, "shot_contained", path, n, list)
+            if len(shots) != 2:
+                raise FlipVQAError(f"{path}: entry {n} has 'shot_contained' {shots!r}, expected [first, last]")
+            frames = scene_frames(vid, shots, features)
         else:
             frames = features.get(vid)
         records.append(Record(

@@ -14,6 +14,7 @@ inline dialogue is VLEP's ``Dialogue: {text}\\n``, an ``.srt`` file is windowed 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -66,9 +67,9 @@ def read(root: Path, split: str, features: dict, sub: bool,
         raise FlipVQAError(f"{root}: no {split}.jsonl or {split}.csv")
     fps = fps_of(root)
     records: list[Record] = []
-    for line, row in _rows(path, errors):
+    for index, (line, row) in enumerate(_rows(path, errors)):  # index: the question's position in the file
         try:
-            records.append(_record(row, len(records), path, line, features, fps, sub, root))
+            records.append(_record(row, index, path, line, features, fps, sub, root))
         except FlipVQAError as exc:
             _fail(str(exc), errors)
     answered = [r.answer is not None for r in records]
@@ -87,7 +88,8 @@ def _rows(path: Path, errors: Optional[list[str]]) -> list[tuple[int, dict]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise FlipVQAError(f"{path}: cannot be read ({exc})") from None
     if path.suffix == ".jsonl":
-        for line, raw in enumerate(text.splitlines(), 1):
+        # split on "\n" only: str.splitlines would also cut at U+2028 and others, legal in JSON strings
+        for line, raw in enumerate(text.split("\n"), 1):
             if not raw.strip():
                 continue
             try:
@@ -95,7 +97,7 @@ def _rows(path: Path, errors: Optional[list[str]]) -> list[tuple[int, dict]]:
             except json.JSONDecodeError as exc:
                 _fail(f"{path}:{line}: not valid JSON ({exc.msg})", errors)
         return rows
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted cells may hold line breaks
     columns = reader.fieldnames or []
     for name in ("video", "question", "a0", "a1"):
         if name not in columns:

@@ -51,7 +51,9 @@ def field_of(row: dict, key: str, path: Path, n: int, convert: Callable = lambda
 
 def options_of(row: dict, key: str, path: Path, n: int, count: int) -> list:
     """The list ``row[key]`` of exactly ``count`` options."""
-    options = field_of(row, key, path, n, list)
+    options = field_of(row, key, path, n)
+    if not isinstance(options, list):
+        raise FlipVQAError(f"{path}: entry {n} has a malformed '{key}' (not a list): {options!r}")
     if len(options) != count:
         raise FlipVQAError(f"{path}: entry {n} has {len(options)} {key}, expected {count}")
     return options

@@ -22,8 +22,11 @@ def read(root: Path, split: str, features: dict, sub: bool) -> list[Record]:
         if kind not in QTYPES:
             raise FlipVQAError(f"{path}: entry {n} has question_id {qid!r}, whose type is not one of "
                                f"{', '.join(QTYPES)}")
-        choices = sorted(field_of(row, "choices", path, n, list), key=lambda c: c["choice_id"])
-        options = [c["choice"] for c in choices]
+        choices = field_of(row, "choices", path, n)
+        if not isinstance(choices, list) or not all(isinstance(c, dict) and {"choice_id", "choice"} <= set(c)
+                                                    for c in choices):
+            raise FlipVQAError(f"{path}: entry {n} has malformed 'choices' (a list of {{choice_id, choice}})")
+        options = [c["choice"] for c in sorted(choices, key=lambda c: c["choice_id"])]
         if len(options) != N_OPTIONS:
             raise FlipVQAError(f"{path}: entry {n} has {len(options)} choices, expected {N_OPTIONS}")
         answer_text = field_of(row, "answer", path, n)

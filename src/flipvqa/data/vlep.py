@@ -3,6 +3,7 @@ events[2], answer, ts}, and ``vlep_subtitles.jsonl`` with {vid_name, sub: [{star
 
 from pathlib import Path
 
+from ..errors import FlipVQAError
 from ..io import read_jsonl
 from ..prompts import normalize_question
 from .records import Record, check_answer, field_of, options_of
@@ -26,7 +27,9 @@ def read(root: Path, split: str, features: dict, sub: bool) -> list[Record]:
         vid = str(field_of(row, "vid_name", path, n))
         options = options_of(row, "events", path, n, N_OPTIONS)
         ts = field_of(row, "ts", path, n, list)
-        start, end = round(float(ts[0])), round(float(ts[1]))
+        if len(ts) != 2:
+            raise FlipVQAError(f"{path}: entry {n} has 'ts' {ts!r}, expected [start, end]")
+        start, end = (field_of({"ts": t}, "ts", path, n, lambda x: round(float(x))) for t in ts)
         dialogue = vlep_dialogue(captions.get(vid, []), start, end) if sub else ""
         records.append(Record(
             index=n, vid=vid, qid=str(row["example_id"]) if "example_id" in row else None,

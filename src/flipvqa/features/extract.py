@@ -1,16 +1,21 @@
-"""``flipvqa extract-features``: videos -> CLIP ViT-L/14 frame features, as FrozenBiLM released them.
+"""``flipvqa extract-features``: videos -> frame features, by default CLIP ViT-L/14's as FrozenBiLM
+released them, or those of another CLIP-family vision tower (SigLIP, SigLIP 2).
 
-The output is ``torch.save({video_id: float16 tensor [frames, 768]})``: one CLIP image embedding
-(:func:`flipvqa.features.clip.embed`) per frame selected by :mod:`flipvqa.features.video`, for the
-videos :mod:`flipvqa.features.collect` finds. This module is the extraction loop and the command.
+The output is ``torch.save({video_id: float16 tensor [frames, D]})``: one image embedding
+(:class:`flipvqa.features.clip.Encoder`) per frame selected by :mod:`flipvqa.features.video`, for
+the videos :mod:`flipvqa.features.collect` finds. This module is the extraction loop and the command.
+Beside it, ``<output>.json`` records the encoder: ``{"encoder", "model_type", "feature_dim", "fps"}``
+(the dataset readers take the ``.pth`` alone, so nothing but tensors goes in it).
 
 Behaviour worth knowing:
 
-* Frames from several videos share one CLIP batch, and videos are decoded by a few threads ahead of
-  the model, so short videos do not leave the accelerator idle.
+* Frames from several videos share one batch, and videos are decoded (and, for encoders with an
+  image processor, preprocessed) by a few threads ahead of the model, so short videos do not leave
+  the accelerator idle.
 * Resume: an existing output file is loaded and the videos already in it are skipped. The file is
   rewritten atomically (temporary file + ``os.replace``) about once a minute, at the end, and when
-  the run is interrupted, so a crash loses at most a minute of work and never the file.
+  the run is interrupted, so a crash loses at most a minute of work and never the file. A run whose
+  encoder, width or fps differ from the sidecar's is refused rather than mixing features.
 * A video that cannot be decoded, or that yields no frame (shorter than half a slot), is skipped and
   listed at the end, after the others are written; :func:`run` then returns 1, so a script sees
   that the output is incomplete. It returns 0 only when no requested video failed.
@@ -19,12 +24,14 @@ Behaviour worth knowing:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -34,35 +41,45 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from flipvqa.devices import resolve_device
 from flipvqa.errors import FlipVQAError
-from flipvqa.features.clip import DEFAULT_MODEL, embed, load_clip
+from flipvqa.features import clip
+from flipvqa.features.clip import (
+    DEFAULT_MODEL,
+    Encoder,
+    Pixels,
+    cat_pixels,
+    count_pixels,
+    encoder_name,
+    slice_pixels,
+)
 from flipvqa.features.collect import VIDEO_IDS, assign_ids, collect_videos
-from flipvqa.features.video import import_av, sample_frames
-from flipvqa.io import first_line, load_tensors, progress, save_torch
+from flipvqa.features.video import import_av, iter_frames
+from flipvqa.io import first_line, load_tensors, progress, read_json_object, save_torch, write_atomic
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT = "clipvitl14.pth"
 SAVE_EVERY_S = 60.0
+PREPARE_CHUNK = 32  # frames decoded before the encoder prepares them: bounds full-size frames held
 
 
 # --------------------------------------------------------------------------- batching and the output
 
 
 class _Batcher:
-    """Packs frames of consecutive videos into full batches and hands back finished videos."""
+    """Packs prepared frames of consecutive videos into full batches and hands back finished videos."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, batch_size: int) -> None:
-        self.model, self.device, self.batch_size = model, device, batch_size
-        self.queue: deque[tuple[str, np.ndarray]] = deque()  # (video id, frames not yet embedded)
+    def __init__(self, encoder: Encoder, device: torch.device, batch_size: int) -> None:
+        self.encoder, self.device, self.batch_size = encoder, device, batch_size
+        self.queue: deque[tuple[str, Pixels]] = deque()  # (video id, frames not yet embedded)
         self.buffered = 0
         self.parts: dict[str, list[torch.Tensor]] = {}
         self.waiting: dict[str, int] = {}  # frames of each video still to embed
 
-    def add(self, video_id: str, frames: np.ndarray) -> dict[str, torch.Tensor]:
+    def add(self, video_id: str, frames: Pixels) -> dict[str, torch.Tensor]:
         """Queue a video's frames; return the videos completed by the full batches this allows."""
         self.queue.append((video_id, frames))
-        self.parts[video_id], self.waiting[video_id] = [], len(frames)
-        self.buffered += len(frames)
+        self.parts[video_id], self.waiting[video_id] = [], count_pixels(frames)
+        self.buffered += count_pixels(frames)
         done: dict[str, torch.Tensor] = {}
         while self.buffered >= self.batch_size:
             done.update(self._step(self.batch_size))
@@ -79,17 +96,17 @@ class _Batcher:
         chunks, owners = [], []
         while size:
             video_id, frames = self.queue[0]
-            take = min(size, len(frames))
-            chunks.append(frames[:take])
+            take = min(size, count_pixels(frames))
+            chunks.append(slice_pixels(frames, 0, take))
             owners.append((video_id, take))
-            if take == len(frames):
+            if take == count_pixels(frames):
                 self.queue.popleft()
             else:
-                self.queue[0] = (video_id, frames[take:])
+                self.queue[0] = (video_id, slice_pixels(frames, take))
             size -= take
-        batch = np.concatenate(chunks)
-        self.buffered -= len(batch)
-        embeds = embed(self.model, batch, self.device)
+        batch = cat_pixels(chunks)
+        self.buffered -= count_pixels(batch)
+        embeds = self.encoder.embed(batch, self.device)
         done = {}
         for (video_id, take), part in zip(owners, embeds.split([take for _, take in owners]), strict=True):
             self.parts[video_id].append(part)
@@ -118,26 +135,34 @@ def load_existing(output: Path) -> dict[str, torch.Tensor]:
     return features
 
 
-def _decode(path: Path, fps: float) -> np.ndarray | str:
-    """Sample a video's frames; an unreadable video gives the reason as a string instead."""
+def _chunks(frames: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    items = iter(frames)
+    while chunk := list(islice(items, size)):
+        yield np.stack(chunk)
+
+
+def _decode(path: Path, fps: float, encoder: Encoder) -> Pixels | str:
+    """Sample a video's frames in the encoder's geometry and prepare them, a chunk at a time (so
+    full-size frames are never all held); an unreadable video gives the reason as a string instead."""
     av = import_av()
     try:
-        frames = sample_frames(path, fps)
+        frames = iter_frames(path, fps, crop=encoder.crop)
+        parts = [encoder.prepare(chunk) for chunk in _chunks(frames, PREPARE_CHUNK)]
     except (FlipVQAError, av.FFmpegError, OSError, ValueError) as err:
         return first_line(err).removeprefix(f"{path}: ")  # the summary names the path already
-    return frames if len(frames) else "no frames (shorter than one output frame?)"
+    return cat_pixels(parts) if parts else "no frames (shorter than one output frame?)"
 
 
 def _decoded_ahead(
-    todo: Sequence[tuple[str, Path]], fps: float, workers: int
-) -> Iterator[tuple[str, Path, np.ndarray | str]]:
+    todo: Sequence[tuple[str, Path]], fps: float, workers: int, encoder: Encoder
+) -> Iterator[tuple[str, Path, Pixels | str]]:
     """Yield ``(id, path, frames or failure)`` in order, decoding a few videos ahead in threads
     (PyAV and PIL release the GIL), with a bounded look-ahead to bound memory."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
     pending: deque[tuple[str, Path, Future]] = deque()
     try:
         for video_id, path in todo:
-            pending.append((video_id, path, pool.submit(_decode, path, fps)))
+            pending.append((video_id, path, pool.submit(_decode, path, fps, encoder)))
             if len(pending) > 2 * workers:
                 video_id, path, future = pending.popleft()
                 yield video_id, path, future.result()
@@ -148,9 +173,58 @@ def _decoded_ahead(
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+# --------------------------------------------------------------------------- the encoder's record
+
+
+def record_path(output: Path) -> Path:
+    """The sidecar naming the encoder of ``output``: ``clipvitl14.pth`` -> ``clipvitl14.pth.json``."""
+    return output.with_name(output.name + ".json")
+
+
+def read_record(output: Path) -> dict[str, Any] | None:
+    """The sidecar of an existing output; None where there is none (written before sidecars were)."""
+    path = record_path(output)
+    if not path.exists():
+        return None
+    try:
+        return read_json_object(path)
+    except FlipVQAError as err:
+        raise FlipVQAError(f"{err}; move it away with {output.name}") from err
+
+
+def write_record(output: Path, record: dict[str, Any]) -> None:
+    text = json.dumps(record, indent=2) + "\n"
+    write_atomic(record_path(output), lambda f: f.write(text.encode("utf-8")))
+
+
+def _check_record(output: Path, recorded: dict[str, Any] | None, run: dict[str, Any]) -> None:
+    """Refuse to resume ``output`` when its sidecar names another encoder, width or fps than ``run``."""
+    differ = [key for key, value in run.items() if recorded is not None and recorded.get(key) != value]
+    if differ:
+        assert recorded is not None
+        was = ", ".join(f"{key} {recorded.get(key)!r}" for key in differ)
+        now = ", ".join(f"{key} {run[key]!r}" for key in differ)
+        raise FlipVQAError(
+            f"{output}: made with {was} (says {record_path(output).name}), but this run has {now}; "
+            "resume with the same --clip_model and --fps, or choose another --output"
+        )
+
+
+def _check_width(output: Path, features: dict[str, torch.Tensor], encoder: Encoder) -> None:
+    """An output from before sidecars: at least its width must be the encoder's."""
+    widths = sorted({int(v.shape[-1]) if v.dim() else 0 for v in features.values()})
+    if widths != [encoder.feature_dim]:
+        raise FlipVQAError(
+            f"{output}: its features are {'/'.join(map(str, widths))}-d, {encoder.source} gives "
+            f"{encoder.feature_dim}-d; choose another --output rather than mixing features"
+        )
+    log.warning("%s: no %s names the encoder of its %d videos; taking it to be %s",
+                output, record_path(output).name, len(features), encoder.source)
+
+
 def extract_features(
     paths: str | Path | Sequence[str | Path],
-    clip_model: str | Path | torch.nn.Module,
+    clip_model: str | Path | torch.nn.Module | Encoder,
     output: str | Path,
     fps: float = 1,
     batch_size: int = 64,
@@ -158,9 +232,11 @@ def extract_features(
     video_id: str = "stem",
     workers: int | None = None,
 ) -> dict[str, Any]:
-    """Extract CLIP features for ``paths`` (files, folders, ``.txt`` lists, globs) into ``output``.
+    """Extract frame features for ``paths`` (files, folders, ``.txt`` lists, globs) into ``output``.
 
-    ``clip_model`` is a folder, a hub id, or a model already returned by :func:`load_clip`.
+    ``clip_model`` is a folder or hub id of a CLIP-family vision tower, an :class:`Encoder` from
+    :func:`~flipvqa.features.clip.load_encoder`, or a CLIP model from ``load_clip``. ``output`` gets
+    the sidecar ``<output>.json`` (:func:`record_path`) before its first save.
     Returns ``{"extracted": int, "skipped_existing": int, "failed": [(video_id, path, reason)],
     "output": Path}``.
     """
@@ -174,6 +250,9 @@ def extract_features(
     output = Path(output).expanduser()
     ids = assign_ids(collect_videos([paths] if isinstance(paths, (str, Path)) else paths), video_id)
     features = load_existing(output)
+    recorded = read_record(output) if features else None  # a sidecar without an output is stale
+    # Checked before loading anything: a mismatch needs no model, even with nothing left to do.
+    _check_record(output, recorded, {"encoder": encoder_name(clip_model), "fps": float(fps)})
     todo = [(vid, path) for vid, path in ids.items() if vid not in features]
     summary: dict[str, Any] = {
         "extracted": 0,
@@ -189,15 +268,23 @@ def extract_features(
         return summary
 
     target = resolve_device(device)
-    model = (
-        clip_model.to(target).eval()
-        if isinstance(clip_model, torch.nn.Module)
-        else load_clip(clip_model, target)
-    )
-    batcher = _Batcher(model, target, batch_size)
+    encoder = clip.as_encoder(clip_model, target)
+    run_record = {**encoder.record(), "fps": float(fps)}
+    _check_record(output, recorded, run_record)
+    if recorded is None and features:
+        _check_width(output, features, encoder)
+    batcher = _Batcher(encoder, target, batch_size)
     workers = workers or min(4, os.cpu_count() or 1)
     saved_at, save_every = time.monotonic(), SAVE_EVERY_S
     unsaved = 0
+    recorded_now = run_record == recorded
+
+    def save() -> None:
+        nonlocal recorded_now
+        if not recorded_now:  # the sidecar first: features never stand without their record
+            write_record(output, run_record)
+            recorded_now = True
+        save_torch(output, features)
 
     def finish(done: dict[str, torch.Tensor]) -> None:
         nonlocal unsaved
@@ -211,7 +298,7 @@ def extract_features(
         with logging_redirect_tqdm(), progress(
             total=len(todo), unit="video", desc="extract-features", leave=True
         ) as bar:
-            for vid, path, frames in _decoded_ahead(todo, fps, workers):
+            for vid, path, frames in _decoded_ahead(todo, fps, workers, encoder):
                 if isinstance(frames, str):
                     log.warning("%s: skipped, %s", path, frames)
                     summary["failed"].append((vid, path, frames))
@@ -220,14 +307,14 @@ def extract_features(
                 bar.update(1)
                 if unsaved and time.monotonic() - saved_at >= save_every:
                     started = time.monotonic()
-                    save_torch(output, features)
+                    save()
                     # A huge file takes long to write: never spend more than ~10% of the time saving.
                     saved_at, unsaved = time.monotonic(), 0
                     save_every = max(SAVE_EVERY_S, 10 * (saved_at - started))
             finish(batcher.flush())
     finally:
         if unsaved:  # also on Ctrl-C or a crash: keep every video finished so far
-            save_torch(output, features)
+            save()
     return summary
 
 
@@ -250,14 +337,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--clip_model",
         default=DEFAULT_MODEL,
-        help=f"local folder of a Hugging Face CLIP model, or a hub id "
-        f"(default {DEFAULT_MODEL}; downloading needs network)",
+        help="local folder or hub id of any CLIP-family vision tower: CLIP (as the released "
+        "features), SigLIP or SigLIP 2 (their own image processor, pooled output); "
+        f"default {DEFAULT_MODEL}; downloading needs network",
     )
     parser.add_argument(
         "--fps", type=float, default=1, help="frames per second to sample (default 1; TVQA used 3)"
     )
     parser.add_argument(
-        "--batch_size", type=int, default=64, help="frames per CLIP forward pass (default 64)"
+        "--batch_size", type=int, default=64, help="frames per encoder forward pass (default 64)"
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(

@@ -8,6 +8,9 @@ PIL so no ffmpeg binary is needed:
 * the frame is scaled so its short side is 224 (bicubic) and centre-cropped to 224x224, see
   :func:`output_geometry`;
 * pixels are scaled to [0, 1] and normalised with CLIP's mean and std, see :func:`preprocess`.
+
+Encoders with their own image processor (SigLIP, :mod:`flipvqa.features.clip`) take the same
+selected frames uncropped (``iter_frames(..., crop=False)``) and resize them their own way.
 """
 
 from __future__ import annotations
@@ -89,9 +92,11 @@ def import_av() -> ModuleType:
     return av
 
 
-def iter_frames(path: str | Path, fps: float) -> Iterator[np.ndarray]:
+def iter_frames(path: str | Path, fps: float, crop: bool = True) -> Iterator[np.ndarray]:
     """Yield the selected frames of ``path`` as uint8 arrays ``[224, 224, 3]`` (RGB), in one pass.
 
+    With ``crop=False`` the frames come as decoded, ``[height, width, 3]``: the selection is the
+    same, only the short-side-224 resize and centre crop are left to the encoder's own processor.
     Decoding errors inside the stream are skipped and a read error ends the stream, as the ffmpeg
     command line did for the released features; an unreadable file raises :class:`FlipVQAError`.
     """
@@ -116,9 +121,11 @@ def iter_frames(path: str | Path, fps: float) -> Iterator[np.ndarray]:
         last: list[Any] = [None, None]  # [frame, its RGB crop]
 
         def to_rgb(frame: av.VideoFrame) -> np.ndarray:
-            # A frame repeated over several slots (low-fps source) is resized only once. Compare by
+            # A frame repeated over several slots (low-fps source) is converted only once. Compare by
             # identity while holding the frame, so a recycled id() can never return a stale crop.
-            if last[0] is not frame:
+            if last[0] is not frame and not crop:
+                last[:] = [frame, frame.to_ndarray(format="rgb24")]
+            elif last[0] is not frame:
                 w, h = (width, height) if width and height else (frame.width, frame.height)
                 scaled_w, scaled_h, x, y = output_geometry(w, h)
                 image = frame.to_image().resize((scaled_w, scaled_h), Image.Resampling.BICUBIC)

@@ -110,6 +110,8 @@ def prepare_output_dir(out: Path, fresh: bool, overwrite: bool) -> None:
     """A run that starts at epoch 0 must not mix with an earlier run's files: stop unless
     ``--overwrite`` (which removes them); continuing (``fresh`` False) keeps them."""
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # what a write killed before its rename left (io.write_atomic)
+        stale.unlink(missing_ok=True)
     earlier = [name for name in (LOG, LAST) if (out / name).exists()]
     if not fresh or not earlier:
         return

@@ -220,8 +220,8 @@ def _on_update(state: EpochState, metrics: dict, prog: Progress, runlog: RunLog,
 def _on_nonfinite(state: EpochState, error: NonFinite, batch, prog: Progress, args, save) -> None:
     """Skip the batch (``--skip_nonfinite`` allows it), or save the last good state and stop."""
     questions = ", ".join(f"{r.index} (video {r.vid})" for r in batch.records[:4])
-    where = f"epoch {state.epoch} step {state.step}: the {' and '.join(error.bad)} loss is not finite " \
-            f"(questions {questions}{' ...' if len(batch.records) > 4 else ''})"
+    where = f"epoch {state.epoch} step {state.step}: the loss is not finite ({', '.join(error.bad)}) for " \
+            f"questions {questions}{' ...' if len(batch.records) > 4 else ''}"
     if prog.skipped_total < args.skip_nonfinite:
         prog.skipped_total += 1
         log.warning("%s; skipped (%d of --skip_nonfinite %d)", where, prog.skipped_total, args.skip_nonfinite)

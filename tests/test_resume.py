@@ -208,3 +208,26 @@ def test_tensorboard_scalars(tmp_path):
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 7))
     accs = [e.value for e in events.Scalars("val/acc")]
     assert accs == pytest.approx([e["val_acc"] for e in lines(out / "log.txt")])
+
+
+def test_torchrun_killed_and_resumed_equals_uninterrupted(tmp_path):
+    """Two gloo processes: only rank 0 writes, both resume from the same checkpoint_last.pth."""
+    def launch(out, crash=None, auto=False):
+        env = {k: v for k, v in os.environ.items() if k != "FLIPVQA_CRASH_AT"}
+        if crash:
+            env["FLIPVQA_CRASH_AT"] = crash
+        argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "flipvqa", "-q",
+                *train_args(out, epochs=2), *(["--resume", "auto"] if auto else [])]
+        return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+
+    ref = launch(tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert launch(tmp_path / "run", crash="micro_batch:3").returncode != 0  # epoch 1, mid-accumulation
+    state = torch.load(tmp_path / "run" / "checkpoint_last.pth", weights_only=False)
+    assert state["progress"]["world_size"] == 2 and state["progress"]["epoch"] == 1
+    done = launch(tmp_path / "run", auto=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert lines(tmp_path / "run" / "log.txt") == lines(tmp_path / "ref" / "log.txt")
+    ours, theirs = weights(tmp_path / "run" / "checkpoint_last.pth"), weights(tmp_path / "ref" / "checkpoint_last.pth")
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert [m["step"] for m in lines(tmp_path / "run" / "metrics.jsonl")] == [1, 2]

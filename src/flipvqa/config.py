@@ -205,6 +205,8 @@ def resolve(ns: argparse.Namespace) -> argparse.Namespace:
     for name in ("save_every", "skip_nonfinite"):
         if values[name] < 0:
             raise FlipVQAError(f"--{name} must be >= 0 (got {values[name]})")
+    if values["resume"] == "auto" and values["overwrite"]:
+        raise FlipVQAError("--resume auto continues a run and --overwrite starts over: choose one")
     if values["num_workers"] < 0:
         raise FlipVQAError(f"--num_workers must be >= 0 (got {values['num_workers']})")
     if values["dtype"] is not None:

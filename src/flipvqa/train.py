@@ -76,6 +76,9 @@ def train(args: argparse.Namespace) -> dict:
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and dtype == torch.float16 else None
     optimizer = make_optimizer(model, args.weight_decay, args.lr)
     prog = _restore(ckpt, resume, model, optimizer, scaler, args, dist)
+    if dist.enabled:  # every rank starts from rank 0's weights (seeds differ per rank), as DDP does
+        for _, p in model.trainable_parameters():
+            torch_dist.broadcast(p.data, src=0)
 
     fresh = prog.epoch == 0 and prog.step == 0
     if dist.is_main:

@@ -19,6 +19,7 @@ from .errors import FlipVQAError
 # command would ignore is an error there ("unrecognized arguments"), never silence.
 MODEL = ("train", "eval", "bench", "ask")  # what shapes the model and its prompts
 RUNS = ("train", "eval", "bench")  # dataset runs
+CHECK = ("check",)  # flipvqa data check: the data and the tokenizer, never the backbone
 
 
 def _opt(default, help: str, used_by: tuple[str, ...] = RUNS, **kw):
@@ -29,26 +30,27 @@ def _opt(default, help: str, used_by: tuple[str, ...] = RUNS, **kw):
 class RunConfig:
     # model
     model: str = _opt("7B", "backbone folder under --llama_model_path (or a path / Hugging Face folder or hub id)",
-                      MODEL)
+                      MODEL + CHECK)
     llama_model_path: str = _opt("./pretrained/llama/", "folder holding the backbone folder and tokenizer.model",
-                                 MODEL)
+                                 MODEL + CHECK)
     tokenizer_path: Optional[str] = _opt(None, "tokenizer file (default: the backbone folder's own, "
-                                               "else <llama_model_path>/tokenizer.model)", MODEL)
+                                               "else <llama_model_path>/tokenizer.model)", MODEL + CHECK)
     adapter_len: int = _opt(10, "adaption prompt rows per adapted layer", MODEL)
     adapter_layer: Optional[int] = _opt(None, "adapt the last N layers (default: all layers)", MODEL)
     skip_unadapted_layers: bool = _opt(False, "run only the adapted layers, as the reference does "
                                               "(needed for checkpoints trained with adapter_layer < n_layers)", MODEL)
     max_seq_len: int = _opt(512, "maximum tokens per sequence (longer ones are truncated as the reference does)",
-                            MODEL)
-    max_feats: int = _opt(10, "video frame slots", MODEL)
+                            MODEL + CHECK)
+    max_feats: int = _opt(10, "video frame slots", MODEL + CHECK)
     bias: float = _opt(3.0, "initial video attention bias (gate2 starts at -bias)", MODEL)
     tau: float = _opt(100.0, "temperature of the QAV frame classification", MODEL)
-    vaq: bool = _opt(False, "add the VAQ (predict the question) objective", ("train", "bench"))
-    qav: bool = _opt(False, "add the QAV (predict the video) objective", ("train", "bench"))
-    sub: bool = _opt(False, "add subtitles (VLEP, TVQA)", MODEL)
+    vaq: bool = _opt(False, "add the VAQ (predict the question) objective", ("train", "bench", "check"))
+    qav: bool = _opt(False, "add the QAV (predict the video) objective", ("train", "bench", "check"))
+    sub: bool = _opt(False, "add subtitles (VLEP, TVQA)", MODEL + CHECK)
     # data
-    dataset: str = _opt("nextqa", "nextqa | star | dramaqa | vlep | tvqa")
-    data_path: str = _opt("./data", "folder holding <dataset>/ folders in the released layout")
+    dataset: str = _opt("nextqa", "nextqa | star | dramaqa | vlep | tvqa, or a folder in the generic format",
+                        RUNS + CHECK)
+    data_path: str = _opt("./data", "folder holding <dataset>/ folders", RUNS + CHECK)
     split: str = _opt("val", "split to evaluate", ("eval", "bench"))
     # optimisation
     batch_size: int = _opt(64, "questions per batch and process")

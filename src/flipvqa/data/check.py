@@ -10,7 +10,6 @@ fit ``--max_seq_len``) make the exit status 2; missing features and truncation a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 from collections import Counter
@@ -20,14 +19,14 @@ from typing import Optional
 import torch
 
 from .. import data
-from ..config import RunConfig, resolve
+from ..config import add_run_arguments, resolve
 from ..errors import FlipVQAError
 from ..io import progress
 from ..prompts import encode_sample, prompt_text
 from . import generic
 from .records import load_features
 
-# The run options the check uses (their help and defaults are RunConfig's).
+# The run options the check uses (config.RunConfig's fields whose used_by has "check").
 OPTIONS = ("dataset", "data_path", "model", "llama_model_path", "tokenizer_path", "max_seq_len", "max_feats",
            "sub", "vaq", "qav")
 
@@ -49,17 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     cmd = sub.add_parser("check", help="read every split and the features; report every problem",
                            description=__doc__.split("\n\n")[0].replace("``", "'"))
-    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
-    for name in OPTIONS:
-        f = fields[name]
-        help_text = f.metadata["help"].replace("%", "%%")
-        if f.type in ("bool", bool):
-            cmd.add_argument(f"--{name}", action="store_true", default=None, help=help_text)
-            continue
-        if f.default is not None and "(default:" not in help_text and name != "dataset":
-            help_text += f" (default: {f.default})"
-        kind = type(f.default) if f.default is not None else str
-        cmd.add_argument(f"--{name}", type=kind, default=None, required=name == "dataset", help=help_text)
+    add_run_arguments(cmd, "check")
     cmd.add_argument("--json", action="store_true", help="print the report as one JSON object")
     cmd.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                        help="only warnings and errors, no progress bars")

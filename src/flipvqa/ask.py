@@ -11,6 +11,9 @@ Python API::
                         clip_model="path/to/clip-vit-large-patch14")
     answer = answerer.ask("video.mp4", "Why did the boy run?", ["to catch a bus", "..."])
     answer.choice, answer.ranked  # [(choice, probability, score), ...] best first
+
+    # several questions (about the same or different videos) scored in one batch, same numbers:
+    answers = answerer.ask_many([Question(features, "Why?", ["a", "b"]), (video2, "How?", ["c", "d", "e"])])
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -42,6 +45,15 @@ log = logging.getLogger(__name__)
 # What the Answerer takes besides the checkpoint: the model options (from the checkpoint's
 # stored args unless given) and the backbone's dtype.
 OPTIONS = (*MODEL_OPTIONS, "dtype")
+
+
+class Question(NamedTuple):
+    """One question of :meth:`Answerer.ask_many` (a plain tuple in this order works as well)."""
+
+    video: str | Path | Tensor  # a video file or its features [frames, width]
+    question: str
+    choices: Sequence[str]
+    subtitles: Optional[str | Path] = None  # an .srt file
 
 
 @dataclass
@@ -80,27 +92,73 @@ class Answerer:
 
     def video_features(self, video: str | Path) -> tuple[Tensor, list]:
         """CLIP features [frames, width] of a video file, and its sampled frames (uint8)."""
-        from .features.clip import embed, load_clip
         from .features.video import sample_frames
 
-        if self.clip_model is None:
-            raise FlipVQAError("a CLIP model is needed to read a video: pass --clip_model (a local folder of "
-                               "openai/clip-vit-large-patch14) or precomputed --features")
+        self._need_clip()
         frames = sample_frames(video, self.fps)
         if len(frames) == 0:
             raise FlipVQAError(f"{video}: no frames could be decoded")
+        return self.embed_frames(frames), list(frames)
+
+    def embed_frames(self, frames) -> Tensor:
+        """CLIP features [frames, width] (float32) of uint8 frames [n, 224, 224, 3]."""
+        from .features.clip import embed, load_clip
+
+        self._need_clip()
         if self._clip is None:
             self._clip = load_clip(self.clip_model, self.device)
-        return embed(self._clip, frames, self.device).float(), list(frames)
+        return embed(self._clip, frames, self.device).float()
+
+    def _need_clip(self) -> None:
+        if self.clip_model is None:
+            raise FlipVQAError("a CLIP model is needed to read a video: pass --clip_model (a local folder of "
+                               "openai/clip-vit-large-patch14) or precomputed --features")
+
+    def check_features(self, features: Tensor) -> None:
+        """Raise :class:`FlipVQAError` unless ``features`` are [frames, width] this model takes."""
+        if features.dim() != 2 or features.shape[1] != self.feature_dim:
+            raise FlipVQAError(f"video features must be [frames, {self.feature_dim}] ({self._feature_source} "
+                               f"takes {self.feature_dim}-d features), got {tuple(features.shape)}")
 
     def ask(self, video: str | Path | Tensor, question: str, choices: Sequence[str],
             subtitles: Optional[str | Path] = None, explain: bool = False) -> Answer:
         """Rank ``choices``; ``video`` is a file or a feature tensor [frames, width]."""
+        return self.ask_many([Question(video, question, choices, subtitles)], explain=explain)[0]
+
+    def ask_many(self, requests: Sequence[Question | tuple], explain: bool = False) -> list[Answer]:
+        """Answer several questions (``(video, question, choices[, subtitles])`` each) in one batch:
+        one ``collate`` and one ``score_options`` call, and with ``explain`` one more forward for
+        every answer's frame attention. Questions may have different numbers of choices; each
+        answer is the one :meth:`ask` gives for it alone (to float rounding)."""
+        if not requests:
+            return []
+        items, n_frames = [], []
+        for request in requests:
+            item = self._item(Question(*request))
+            items.append(item)
+            n_frames.append(int(item.record.frames.shape[0]))
+        batch = collate(items).to(self.device)
+        with autocast(self.device, self.model.backbone.tok_embeddings.weight.dtype):
+            scores = self.model.score_options(batch).float().cpu()
+        answers = []
+        for item, row, frames in zip(items, scores, n_frames):
+            choices = item.record.options
+            row = row[:len(choices)]  # a question with fewer choices than the batch's most
+            probs = torch.softmax(-row, dim=0)
+            order = probs.argsort(descending=True).tolist()
+            answers.append(Answer(choices[order[0]], order[0],
+                                  [(choices[i], probs[i].item(), row[i].item()) for i in order], n_frames=frames))
+        if explain:
+            for answer, weights in zip(answers, frame_attentions(self.model, batch, [a.index for a in answers])):
+                answer.frame_attention = weights
+        return answers
+
+    def _item(self, request: Question) -> Item:
+        """One question's model input (choices, features and subtitles checked)."""
+        video, question, choices, subtitles = request
         check_choices(choices)
         features = video if torch.is_tensor(video) else self.video_features(video)[0]
-        if features.dim() != 2 or features.shape[1] != self.feature_dim:
-            raise FlipVQAError(f"video features must be [frames, {self.feature_dim}] ({self._feature_source} "
-                               f"takes {self.feature_dim}-d features), got {tuple(features.shape)}")
+        self.check_features(features)
         dialogue = ""
         if subtitles is not None:
             dialogue = tvqa_dialogue(Path(subtitles), -1000, 1000)
@@ -113,18 +171,12 @@ class Answerer:
         text = prompt_text(record.question, record.options, dialogue)
         seqs = encode_sample(self.tokenizer, text, 0, len(choices), self.args.max_feats, self.args.max_seq_len,
                              sub, ("vqa",), all_options=True)
+        cut = next((s for s in seqs["vqa"] if not s.fits(self.args.max_feats, "vqa")), None)
+        if cut is not None:  # no answer token left to score
+            raise FlipVQAError(f"the question and choices take {cut.full_length} tokens, more than the model's "
+                               f"--max_seq_len {self.args.max_seq_len}: shorten them or give fewer choices")
         slots, video_len = frames_to_slots(features, self.args.max_feats)
-        batch = collate([Item(record, slots, video_len, seqs)]).to(self.device)
-        with autocast(self.device, self.model.backbone.tok_embeddings.weight.dtype):
-            scores = self.model.score_options(batch)[0].float().cpu()
-        probs = torch.softmax(-scores, dim=0)
-        order = probs.argsort(descending=True).tolist()
-        best = order[0]
-        answer = Answer(choices[best], best, [(choices[i], probs[i].item(), scores[i].item()) for i in order],
-                        n_frames=int(features.shape[0]))
-        if explain:
-            answer.frame_attention = frame_attention(self.model, batch, best)
-        return answer
+        return Item(record, slots, video_len, seqs)
 
 
 def check_choices(choices: Sequence[str]) -> None:
@@ -132,55 +184,36 @@ def check_choices(choices: Sequence[str]) -> None:
         raise FlipVQAError(f"--choices: give 2 to {len(LETTERS)} choices (got {len(choices)})")
 
 
-@torch.no_grad()
 def frame_attention(model: FlippedVQA, batch: Batch, option: int) -> list[float]:
     """How much the chosen answer's tokens attend to each video slot in the last layer: the
-    layer's own sequence softmax (``keep_probs``), averaged over heads and answer tokens."""
-    one = batch.tasks["vqa"].rows(slice(option, option + 1))
-    frames = model.video_inputs(batch.video)[1]
+    layer's own sequence softmax (``keep_probs``), averaged over heads and answer tokens
+    (the batch's first question)."""
+    return frame_attentions(model, batch, [option])[0]
+
+
+@torch.no_grad()
+def frame_attentions(model: FlippedVQA, batch: Batch, options: Sequence[int]) -> list[list[float]]:
+    """:func:`frame_attention` of ``options[q]`` of each question ``q`` of the batch (the first
+    ``len(options)`` questions), in one forward."""
+    tb = batch.tasks["vqa"]
+    n_opt = tb.ids.shape[0] // batch.video.shape[0]
+    rows = torch.tensor([q * n_opt + option for q, option in enumerate(options)], device=tb.ids.device)
+    chosen = tb.rows(rows)
+    frames = model.video_inputs(batch.video[:len(options)])[1]
     attention = model.backbone.layers[-1].attention
     attention.keep_probs = True
     try:
-        model.hidden(one, model.embed(one, frames), video_bias=True)
-        probs = attention.probs  # (1, heads, seq, seq)
+        model.hidden(chosen, model.embed(chosen, frames), video_bias=True)
+        probs = attention.probs  # (questions, heads, seq, seq)
     finally:
         attention.keep_probs, attention.probs = False, None
-    start, end = int(one.label_start) - 1, int(one.length) - 1  # the positions that predict the answer
-    vs = int(one.video_start)
-    return probs[0, :, start:end, vs:vs + model.cfg.max_feats].float().mean(dim=(0, 1)).cpu().tolist()
-
-
-def draw_explanation(path: Path, answer: Answer, question: str, thumbnails: list, max_feats: int) -> None:
-    """A strip of the sampled frames, each with a bar of the answer's attention to it, and the
-    ranked choices with their probabilities."""
-    from PIL import Image, ImageDraw
-
-    thumb, pad = 96, 8
-    n = max_feats
-    width = max(pad + n * (thumb + pad), 640)
-    height = 40 + thumb + 70 + 26 * len(answer.ranked) + pad
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((pad, 10), f"Q: {question}", fill="black")
-    attn = answer.frame_attention or [0.0] * n
-    top = max(attn) or 1.0
-    for j in range(n):
-        x = pad + j * (thumb + pad)
-        if thumbnails and j < len(thumbnails) and thumbnails[j] is not None:
-            img.paste(Image.fromarray(thumbnails[j]).resize((thumb, thumb)), (x, 34))
-        else:
-            draw.rectangle([x, 34, x + thumb, 34 + thumb], fill=(220, 220, 220))
-            draw.text((x + 4, 38), "padding" if thumbnails else f"slot {j}", fill="gray")
-        bar = int(50 * attn[j] / top)
-        draw.rectangle([x, 34 + thumb + 58 - bar, x + thumb, 34 + thumb + 58], fill=(220, 80, 60))
-        draw.text((x, 34 + thumb + 4), f"{attn[j]:.3f}", fill="black")
-    y = 34 + thumb + 70
-    for rank, (choice, prob, _) in enumerate(answer.ranked):
-        color = (20, 120, 20) if rank == 0 else (0, 0, 0)
-        draw.rectangle([pad, y + 4, pad + int(200 * prob), y + 18], fill=(120, 180, 240))
-        draw.text((pad + 210, y + 4), f"{prob * 100:5.1f}%  {choice}", fill=color)
-        y += 26
-    img.save(path, format="PNG")
+    out = []
+    for q in range(len(options)):
+        # the positions that predict the answer
+        start, end = int(chosen.label_start[q]) - 1, int(chosen.length[q]) - 1
+        vs = int(chosen.video_start[q])
+        out.append(probs[q, :, start:end, vs:vs + model.cfg.max_feats].float().mean(dim=(0, 1)).cpu().tolist())
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -224,13 +257,20 @@ def run(ns: argparse.Namespace) -> int:
     options = {k: getattr(ns, k, None) for k in OPTIONS}
     answerer = Answerer(ns.resume, clip_model=ns.clip_model, fps=ns.fps, device=ns.device, **options)
     thumbnails: list = []
+    sources = slot_sources(int(video.shape[0]), answerer.args.max_feats) if video is not None else []
     if video is None:
         video, frames = answerer.video_features(ns.video)
-        thumbnails = [None if i is None else frames[i] for i in slot_sources(len(frames), answerer.args.max_feats)]
+        sources = slot_sources(len(frames), answerer.args.max_feats)
+        thumbnails = [None if i is None else frames[i] for i in sources]
     answer = answerer.ask(video, ns.question, ns.choices, ns.subtitles, explain=bool(ns.explain))
     if ns.explain:
+        from .explain import draw_explanation
+
+        # frame i of the features sits at i / fps seconds (what extract-features samples)
+        times = [None if i is None else i / ns.fps for i in sources]
         draw_explanation(Path(ns.explain), answer, normalize_question(ns.question), thumbnails,
-                         answerer.args.max_feats)
+                         answerer.args.max_feats, slot_times=times,
+                         n_layers=answerer.model.backbone.args.n_layers)
     if ns.json:
         print(json.dumps(answer.to_dict()))
         return 0

@@ -72,6 +72,7 @@ PLUGINS = {
     "bench": ("flipvqa.bench", "measure training and evaluation throughput (prints one JSON line)"),
     "extract-features": ("flipvqa.features.extract", "extract frame features (CLIP ViT-L/14, other CLIP or SigLIP towers) from video files"),
     "ask": ("flipvqa.ask", "answer a multiple-choice question about a video file"),
+    "serve": ("flipvqa.serve", "a web page and a JSON API answering questions about videos (the demo model by default)"),
     "report": ("flipvqa.report", "write an HTML report of training runs (losses, accuracy, mistakes)"),
     "data": ("flipvqa.data.check", "check a dataset: every split, every line, the features"),
 }
@@ -115,8 +116,9 @@ def _module(name: str):
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
+        extra = "serve" if exc.name in ("fastapi", "uvicorn", "multipart", "python_multipart") else "video"
         raise FlipVQAError(f"this command needs the Python package '{exc.name}' "
-                           f"(pip install 'flipvqa[video]' or pip install {exc.name})") from None
+                           f"(pip install 'flipvqa[{extra}]' or pip install {exc.name})") from None
 
 
 def main(argv: Optional[list[str]] = None) -> int:

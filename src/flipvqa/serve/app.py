@@ -1,0 +1,192 @@
+"""The FastAPI application of ``flipvqa serve``: the JSON API and the page.
+
+Every error is a JSON object ``{"error": "<one line>"}``: 4xx for a bad request (the message says
+what to fix), 500 for a bug in the server (the traceback goes to the server's log, never to the
+client). The routes are ``async`` and wait on the batch queue's futures, so a thousand waiting
+requests hold no threads; decoding an upload runs in the thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from ..errors import FlipVQAError
+from .backend import Backend, RequestError, Upload
+from .batching import QueueFull
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+PAGE_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+MAX_JSON_BYTES = 1 << 20
+FORM_SLACK = 1 << 20  # what a multipart body may hold besides the video (fields, subtitles)
+
+
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": " ".join(str(message).split()) or "error"}, status_code=status, headers=headers)
+
+
+def guarded(route):
+    """Turn a route's errors into JSON: RequestError/FlipVQAError 4xx, anything else a logged 500."""
+    @functools.wraps(route)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await route(*args, **kwargs)
+        except RequestError as err:
+            return error(err.status, str(err))
+        except FlipVQAError as err:
+            return error(400, str(err))
+        except QueueFull as err:
+            return error(503, f"the server is busy ({err}); try again in a moment")
+        except HTTPException:
+            raise
+        except Exception as err:
+            log.exception("%s: internal error", route.__name__)
+            return error(500, f"internal error ({type(err).__name__}); the server's log has the details")
+    return wrapper
+
+
+def create_app(backend: Backend) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        backend.queue.close()  # score what is queued, then stop the worker
+
+    app = FastAPI(title="Flipped-VQA", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.backend = backend
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        if exc.status_code == 404:
+            message = f"not found: {request.url.path} (the API: GET /api/health, GET /api/examples, POST /api/ask)"
+        elif exc.status_code == 405:
+            message = f"method {request.method} not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return error(exc.status_code, message, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        return error(422, f"{'.'.join(map(str, first.get('loc', ())))}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        log.error("internal error on %s %s: %r", request.method, request.url.path, exc)
+        return error(500, f"internal error ({type(exc).__name__}); the server's log has the details")
+
+    @app.get("/api/health")
+    @guarded
+    async def health():
+        out = backend.health()
+        return JSONResponse(out, status_code=200 if out["status"] == "ok" else 503)
+
+    @app.get("/api/examples")
+    @guarded
+    async def examples():
+        return backend.example_list()
+
+    @app.post("/api/ask")
+    @guarded
+    async def ask(request: Request):
+        started = time.perf_counter()
+        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            return await ask_upload(request, started)
+        body = await read_json(request)
+        question, extra = backend.example_question(body)
+        scored = await asyncio.wrap_future(backend.queue.submit(question))
+        return backend.answer_dict(scored, extra, started)
+
+    async def read_json(request: Request):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > MAX_JSON_BYTES:
+            raise RequestError(413, f"a JSON body of {int(length)} bytes; the API takes at most {MAX_JSON_BYTES}")
+        raw = await request.body()
+        if not raw.strip():
+            raise RequestError(400, "the body is empty: send a JSON object such as {\"example\": ID}")
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise RequestError(400, f"the body is not JSON ({err})") from None
+
+    async def ask_upload(request: Request, started: float):
+        backend.need_uploads()
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > backend.max_upload_bytes + FORM_SLACK:
+            backend.check_upload_size(int(length), "the request")  # refused before it is read
+        form = await request.form(max_files=2, max_fields=64)
+        try:
+            return await answer_form(form, started)
+        finally:
+            await form.close()
+
+    async def answer_form(form, started: float):
+        video, subtitles = form.get("video"), form.get("subtitles")
+        if video is None or isinstance(video, str):
+            raise RequestError(400, "give the video file as the form field \"video\"")
+        if subtitles is not None and isinstance(subtitles, str):
+            raise RequestError(400, "\"subtitles\" must be an .srt file")
+        unknown = sorted(set(form.keys()) - {"video", "subtitles", "question", "choices"})
+        if unknown:
+            raise RequestError(400, f"unknown form field {unknown[0]!r} (give video, question, choices, subtitles)")
+        questions = form.getlist("question")
+        if len(questions) != 1:
+            raise RequestError(400, "give one \"question\" field" + (f" (got {len(questions)})" if questions else ""))
+        choices = form.getlist("choices")
+        if any(not isinstance(c, str) for c in choices):
+            raise RequestError(400, "\"choices\" must be text fields, not files")
+        backend.check_upload_size(video.size)
+        with tempfile.TemporaryDirectory(prefix="flipvqa-serve-") as tmp:
+            name = Path(video.filename or "video").name or "video"
+            upload = Upload(Path(tmp) / ("video" + Path(name).suffix[:10]), name, 0)
+            upload.size = await run_in_threadpool(save, video.file, upload.path)
+            srt = None
+            if subtitles is not None:
+                srt = Path(tmp) / "subtitles.srt"
+                await run_in_threadpool(save, subtitles.file, srt)
+            question, extra = await run_in_threadpool(backend.video_question, upload, questions[0], choices, srt)
+            scored = await asyncio.wrap_future(backend.queue.submit(question))
+        return backend.answer_dict(scored, extra, started)
+
+    @app.get("/")
+    async def page():
+        return page_file("index.html", "text/html")
+
+    @app.get("/static/{name}")
+    async def static(name: str):
+        if name not in PAGE_FILES:
+            raise HTTPException(404)
+        return page_file(name, PAGE_FILES[name])
+
+    return app
+
+
+def page_file(name: str, media_type: str):
+    path = STATIC / name
+    if not path.is_file():  # an installation without the package's data files
+        log.error("%s: missing; the page cannot be shown (the JSON API works)", path)
+        return error(500, f"the page's file {name} is missing from this installation of flipvqa "
+                          f"({STATIC}); the JSON API under /api/ works")
+    return FileResponse(path, media_type=media_type)
+
+
+def save(source, target: Path) -> int:
+    """Copy an uploaded file to ``target``; its size in bytes."""
+    source.seek(0)
+    with open(target, "wb") as out:
+        shutil.copyfileobj(source, out, 1 << 20)
+        return out.tell()

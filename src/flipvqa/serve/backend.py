@@ -1,0 +1,292 @@
+"""What ``flipvqa serve`` serves: the model, its examples, the checks on every request.
+
+Nothing here knows about HTTP beyond :class:`RequestError`'s status: :mod:`flipvqa.serve.app`
+turns the dicts and errors into responses.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..ask import Answerer, Question
+from ..errors import FlipVQAError
+from ..prompts import LETTERS
+from .batching import BatchQueue
+
+log = logging.getLogger(__name__)
+
+MAX_QUESTION = 2000  # characters
+MAX_CHOICE = 1000
+THUMB = 112  # pixels, square
+
+
+class RequestError(Exception):
+    """A bad request: ``status`` (4xx) and a one-line message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(" ".join(str(message).split()))
+        self.status = status
+
+
+@dataclass
+class Example:
+    id: str
+    features: torch.Tensor
+    info: dict = field(default_factory=dict)  # question, choices, answer, type, frames, ...
+
+    def public(self) -> dict:
+        return {"id": self.id, "question": "", "choices": [], **self.info, "n_frames": int(self.features.shape[0])}
+
+
+@dataclass
+class Upload:
+    """A video file as the page sends it: where it lies, its name and size in bytes."""
+    path: Path
+    name: str
+    size: int
+
+
+class Backend:
+    """The model (loaded once), the examples and a :class:`BatchQueue` in front of the model."""
+
+    def __init__(self, answerer: Answerer, checkpoint: Path, examples: list[Example], max_upload_mb: float = 200,
+                 max_seconds: float = 600, max_batch: int = 32, max_wait: float = 0.002):
+        self.answerer, self.checkpoint = answerer, checkpoint
+        self.examples = {e.id: e for e in examples}
+        self.max_upload_bytes = int(max_upload_mb * 1024 * 1024)
+        self.max_upload_mb, self.max_seconds = max_upload_mb, max_seconds
+        self.queue: BatchQueue = BatchQueue(self._score, max_batch=max_batch, max_wait=max_wait)
+        self._clip_lock = threading.Lock()
+        self.started = time.time()
+
+    def _score(self, questions: list[Question]):
+        with torch.inference_mode():
+            return self.answerer.ask_many(questions, explain=True)
+
+    # ------------------------------------------------------------------ what the API reports
+    @property
+    def uploads(self) -> bool:
+        return self.answerer.clip_model is not None
+
+    def health(self) -> dict:
+        args = self.answerer.args
+        status = "ok" if self.queue.alive else "error"
+        return {"status": status, "model": args.model, "checkpoint": str(self.checkpoint),
+                "device": str(self.answerer.device), "max_feats": args.max_feats, "uploads": self.uploads,
+                "max_upload_mb": self.max_upload_mb, "max_seconds": self.max_seconds,
+                "uptime_s": round(time.time() - self.started, 1), **self.queue.stats()}
+
+    def example_list(self) -> list[dict]:
+        return [e.public() for e in self.examples.values()]
+
+    # ------------------------------------------------------------------ requests
+    def example_question(self, body: Any) -> tuple[Question, dict]:
+        """A JSON body ``{"example": ID[, "question": ..., "choices": [...]]}`` as a question."""
+        if not isinstance(body, dict):
+            raise RequestError(400, f"the body must be a JSON object, not {json_type(body)}")
+        unknown = sorted(set(body) - {"example", "question", "choices"})
+        if unknown:
+            raise RequestError(400, f"unknown field {unknown[0]!r} (give example, question, choices)")
+        if "example" not in body:
+            raise RequestError(400, "give the example's id as \"example\" (or upload a video as multipart "
+                                    "form data)")
+        example = self.example(body["example"])
+        info = example.info
+        question = check_question(body["question"]) if body.get("question") is not None else info.get("question")
+        choices = check_choices(body["choices"]) if body.get("choices") is not None else info.get("choices")
+        if not question or not choices:
+            raise RequestError(400, f"example {example.id!r} has no question of its own: give \"question\" "
+                                    "and \"choices\"")
+        extra: dict = {"example": example.id, "question": question, "choices": list(choices)}
+        if "frames" in info:
+            extra["frames"] = info["frames"]
+        own = question == info.get("question") and list(choices) == info.get("choices")
+        if own and isinstance(info.get("answer"), int):
+            extra["correct"] = info["answer"]
+        return Question(example.features.float(), question, list(choices)), extra
+
+    def example(self, key: Any) -> Example:
+        if not isinstance(key, str):
+            raise RequestError(400, f"\"example\" must be a string id, not {json_type(key)}")
+        if key not in self.examples:
+            shown = ", ".join(list(self.examples)[:5]) + (", ..." if len(self.examples) > 5 else "")
+            raise RequestError(404, f"unknown example {key[:100]!r} (known: {shown or 'none'})")
+        return self.examples[key]
+
+    def check_upload_size(self, size: Optional[int], what: str = "the video") -> None:
+        if size is not None and size > self.max_upload_bytes:
+            raise RequestError(413, f"{what} is {size / 2**20:.1f} MB, more than the server's "
+                                    f"--max_upload_mb {self.max_upload_mb:g}")
+
+    def need_uploads(self) -> None:
+        if not self.uploads:
+            raise RequestError(400, "this server cannot read videos: start it with --clip_model (a local folder "
+                                    "of openai/clip-vit-large-patch14) to answer about uploads")
+
+    def video_question(self, video: Upload, question: Any, choices: Any, subtitles: Optional[Path]
+                       ) -> tuple[Question, dict]:
+        """An uploaded video (decoded and embedded here, in the caller's thread) as a question."""
+        self.need_uploads()
+        question, choices = check_question(question), check_choices(choices)
+        self.check_upload_size(video.size)
+        if subtitles is not None:
+            check_subtitles(subtitles)
+        start = time.perf_counter()
+        frames = self.decode(video)
+        with self._clip_lock:  # one CLIP at a time (and loaded once)
+            features = self.answerer.embed_frames(frames)
+        from ..data.records import slot_sources
+
+        slots = slot_sources(len(frames), self.answerer.args.max_feats)
+        extra = {"video": video.name, "question": question, "choices": list(choices),
+                 "thumbnails": thumbnails(frames, slots), "video_s": time.perf_counter() - start}
+        return Question(features, question, list(choices), subtitles), extra
+
+    def decode(self, video: Upload):
+        """The sampled frames of an upload (uint8 [n, 224, 224, 3]), as ``flipvqa ask`` samples them,
+        refusing a video longer than ``max_seconds`` before decoding all of it."""
+        import numpy as np
+
+        from ..features.video import import_av, iter_frames
+
+        fps = self.answerer.fps
+        duration = container_seconds(import_av(), video)
+        if duration is not None and duration > self.max_seconds:
+            raise RequestError(413, f"{video.name}: the video lasts {duration:.0f} s, more than the server's "
+                                    f"--max_seconds {self.max_seconds:g}")
+        limit = int(self.max_seconds * fps) + 1  # fps-filter rounding gives one frame more at most
+        frames = []
+        try:
+            for frame in iter_frames(video.path, fps):
+                frames.append(frame)
+                if len(frames) > limit:
+                    raise RequestError(413, f"{video.name}: the video lasts more than the server's --max_seconds "
+                                            f"{self.max_seconds:g}")
+        except FlipVQAError as err:
+            raise RequestError(400, str(err).replace(str(video.path), video.name)) from None
+        except (OSError, ValueError, RuntimeError, EOFError) as err:
+            raise RequestError(400, f"{video.name}: not a readable video ({first_line(err)})") from None
+        if not frames:
+            raise RequestError(400, f"{video.name}: no frames could be decoded (not a video, or shorter than "
+                                    f"one frame at {fps:g} fps)")
+        return np.stack(frames)
+
+    @staticmethod
+    def answer_dict(scored, extra: dict, started: float) -> dict:
+        out = scored.result.to_dict()
+        timings = {"queue": scored.queue_s, "model": scored.model_s}
+        if "video_s" in extra:
+            extra = dict(extra)
+            timings["video"] = extra.pop("video_s")
+        timings["total"] = time.perf_counter() - started
+        out.update(extra)
+        out["timings"] = {k: round(v, 6) for k, v in timings.items()}
+        out["batch_size"] = scored.batch_size
+        return out
+
+
+# ---------------------------------------------------------------------- checks
+
+
+def json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def check_question(question: Any) -> str:
+    if not isinstance(question, str):
+        raise RequestError(400, f"\"question\" must be a string, not {json_type(question)}")
+    if not question.strip():
+        raise RequestError(400, "the question is empty")
+    if len(question) > MAX_QUESTION:
+        raise RequestError(400, f"the question is {len(question)} characters long, more than {MAX_QUESTION}")
+    return question.strip()
+
+
+def check_choices(choices: Any) -> list[str]:
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        what = json_type(choices) if not isinstance(choices, list) else "a list with non-strings"
+        raise RequestError(400, f"\"choices\" must be a list of strings, not {what}")
+    if not 2 <= len(choices) <= len(LETTERS):
+        raise RequestError(400, f"give 2 to {len(LETTERS)} choices (got {len(choices)})")
+    for k, choice in enumerate(choices):
+        if not choice.strip():
+            raise RequestError(400, f"choice {k + 1} is empty")
+        if len(choice) > MAX_CHOICE:
+            raise RequestError(400, f"choice {k + 1} is {len(choice)} characters long, more than {MAX_CHOICE}")
+    return [c.strip() for c in choices]
+
+
+def check_subtitles(path: Path) -> None:
+    from ..data.subtitles import tvqa_dialogue
+
+    try:
+        tvqa_dialogue(path, -1000, 1000)
+    except Exception as err:  # pysrt raises what its parser meets
+        raise RequestError(400, f"subtitles: not a readable .srt file ({first_line(err)})") from None
+
+
+def container_seconds(av, video: Upload) -> Optional[float]:
+    """The duration the file's header declares (None when it declares none or cannot be opened:
+    decoding then says what is wrong)."""
+    try:
+        with av.open(str(video.path)) as container:
+            if container.duration:
+                return container.duration / 1_000_000
+            stream = container.streams.video[0] if container.streams.video else None
+            if stream is not None and stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+    except Exception:
+        return None
+    return None
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
+
+
+def thumbnails(frames, slots: list[Optional[int]]) -> list[Optional[str]]:
+    """Per video slot, its frame as a small JPEG data URL (None for a padding slot)."""
+    from PIL import Image
+
+    cache: dict[int, str] = {}
+    for i in slots:
+        if i is not None and i not in cache:
+            buf = io.BytesIO()
+            Image.fromarray(frames[i]).resize((THUMB, THUMB), Image.Resampling.BILINEAR).save(buf, "JPEG", quality=80)
+            cache[i] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return [None if i is None else cache[i] for i in slots]
+
+
+# ---------------------------------------------------------------------- examples
+
+
+def demo_examples(folder: Path) -> list[Example]:
+    """The demo's bundled questions (``examples.json``) with their videos' features (``examples.pth``)."""
+    listed = json.loads((folder / "examples.json").read_text())
+    features = torch.load(folder / "examples.pth", map_location="cpu", weights_only=True)
+    out = []
+    for entry in listed:
+        info = {k: v for k, v in entry.items() if k != "id"}
+        out.append(Example(str(entry["id"]), features[entry["video"]], info))
+    return out
+
+
+def feature_examples(path: Path) -> list[Example]:
+    """One example per video of a features file, without a question (users ask their own)."""
+    from ..data.records import load_features
+
+    if not path.is_file():
+        raise FlipVQAError(f"{path}: features file not found")
+    return [Example(vid, feats, {"video": vid}) for vid, feats in load_features(path).items()]

@@ -1,0 +1,308 @@
+// The page of `flipvqa serve`: pick an example or upload a video, ask, show the ranked choices
+// and the answer's attention over the sampled frames. No libraries, works offline.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+const MAX_CHOICES = 26;
+const PALETTE = ["#c98a22", "#d1603d", "#4e9a6f", "#3d7fd1", "#8a5ad1", "#c2477a",
+                 "#2f9fa8", "#7a8b2f", "#a86f3d", "#5f6c8a"];
+const state = { examples: [], byId: new Map(), source: "example", health: null, busy: false, colours: new Map() };
+
+function el(tag, cls, text) {
+  const node = document.createElement(tag);
+  if (cls) node.className = cls;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function colour(label) {  // one colour per activity, in order of first appearance
+  if (!state.colours.has(label)) state.colours.set(label, PALETTE[state.colours.size % PALETTE.length]);
+  return state.colours.get(label);
+}
+
+function pct(p) {
+  const v = p * 100;
+  return (v >= 99.95 ? "100" : v < 0.05 && v > 0 ? "<0.1" : v.toFixed(1)) + "%";
+}
+
+function ms(seconds) {
+  return seconds < 1 ? `${(seconds * 1000).toFixed(seconds < 0.01 ? 1 : 0)} ms` : `${seconds.toFixed(2)} s`;
+}
+
+async function api(path, options) {
+  let response;
+  try {
+    response = await fetch(path, options);
+  } catch (err) {
+    throw new Error("the server cannot be reached (" + err.message + ")");
+  }
+  let body = null;
+  try { body = await response.json(); } catch (err) { /* not JSON */ }
+  if (!response.ok) throw new Error((body && body.error) || `HTTP ${response.status}`);
+  return body;
+}
+
+// ------------------------------------------------------------------ the form
+
+function renumber() {
+  const items = [...$("choices").children];
+  items.forEach((li, k) => {
+    li.querySelector(".letter").textContent = LETTERS[k];
+    li.querySelector("input").setAttribute("aria-label", `choice ${LETTERS[k]}`);
+    li.querySelector("button").disabled = items.length <= 2;
+  });
+  $("add-choice").disabled = items.length >= MAX_CHOICES;
+  $("choice-count").textContent = `${items.length} of 2–${MAX_CHOICES}`;
+}
+
+function addChoice(text = "", focus = false) {
+  if ($("choices").children.length >= MAX_CHOICES) return;
+  const li = el("li", "choice");
+  const input = el("input");
+  input.type = "text";
+  input.value = text;
+  input.autocomplete = "off";
+  const remove = el("button", "remove", "×");
+  remove.type = "button";
+  remove.title = "remove this choice";
+  remove.addEventListener("click", () => { li.remove(); renumber(); });
+  li.append(el("span", "letter"), input, remove);
+  $("choices").append(li);
+  renumber();
+  if (focus) input.focus();
+}
+
+function setChoices(choices) {
+  $("choices").replaceChildren();
+  const list = choices && choices.length ? choices : ["", ""];
+  list.forEach((c) => addChoice(c));
+  if (list.length < 2) addChoice();
+}
+
+function currentChoices() {  // blank fields are left out
+  return [...$("choices").querySelectorAll("input")].map((i) => i.value).filter((c) => c.trim() !== "");
+}
+
+function showsExample(ex) {  // the form still holds the example's own question and choices
+  return ex && $("question").value === (ex.question || "") &&
+    JSON.stringify(currentChoices()) === JSON.stringify(ex.choices || []);
+}
+
+function showExample(id) {
+  const ex = state.byId.get(id);
+  if (!ex) return;
+  $("example").value = id;
+  $("question").value = ex.question || "";
+  setChoices(ex.choices);
+  const meta = [ex.id];
+  if (ex.type) meta.push(`type ${ex.type}`);
+  if (ex.n_frames) meta.push(`${ex.n_frames} video frames`);
+  if (!ex.question) meta.push("no question of its own: ask yours");
+  $("example-meta").textContent = meta.join(" · ");
+}
+
+function setSource(source) {
+  if (source === "upload" && state.source === "example" && showsExample(state.byId.get($("example").value))) {
+    $("question").value = "";
+    setChoices([]);
+  }
+  state.source = source;
+  for (const tab of document.querySelectorAll(".tab")) {
+    const on = tab.dataset.pane === source;
+    tab.classList.toggle("active", on);
+    tab.setAttribute("aria-selected", String(on));
+  }
+  $("pane-example").hidden = source !== "example";
+  $("pane-upload").hidden = source !== "upload";
+  if (source === "example" && $("example").value) showExample($("example").value);
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+// ------------------------------------------------------------------ asking
+
+async function ask() {
+  if (state.busy) return;
+  showError("");
+  const question = $("question").value;
+  const choices = currentChoices();
+  let options;
+  let example = null;
+  if (state.source === "example") {
+    example = state.byId.get($("example").value);
+    if (!example) return showError("pick an example first");
+    options = { method: "POST", headers: { "Content-Type": "application/json" },
+                body: JSON.stringify({ example: example.id, question, choices }) };
+  } else {
+    const file = $("video").files[0];
+    if (!file) return showError("choose a video file first");
+    const form = new FormData();
+    form.append("video", file);
+    form.append("question", question);
+    choices.forEach((c) => form.append("choices", c));
+    if ($("subtitles").files[0]) form.append("subtitles", $("subtitles").files[0]);
+    options = { method: "POST", body: form };
+  }
+  state.busy = true;
+  $("ask").disabled = true;
+  $("ask").textContent = "Asking…";
+  $("result").dataset.state = "loading";
+  const clientStart = performance.now();
+  try {
+    const answer = await api("/api/ask", options);
+    render(answer, (performance.now() - clientStart) / 1000);
+    $("result").dataset.state = "done";
+    if (example) shareLink(example, question, choices);
+  } catch (err) {
+    $("result").dataset.state = "error";
+    showError(err.message);
+  } finally {
+    state.busy = false;
+    $("ask").disabled = false;
+    $("ask").textContent = "Ask";
+  }
+}
+
+function shareLink(example, question, choices) {
+  const params = new URLSearchParams({ example: example.id });
+  const own = question === example.question && JSON.stringify(choices) === JSON.stringify(example.choices);
+  if (!own) {
+    params.set("q", question);
+    choices.forEach((c) => params.append("c", c));
+  }
+  history.replaceState(null, "", "?" + params.toString());
+}
+
+function render(answer, clientSeconds) {
+  $("placeholder").hidden = true;
+  $("answer").hidden = false;
+  const top = answer.ranked[0];
+  $("asked").textContent = answer.question || "";
+  $("top-letter").textContent = `(${LETTERS[answer.index]})`;
+  $("top-choice").textContent = answer.choice;
+  $("top-pct").textContent = pct(top.probability);
+  const badge = $("badge");
+  badge.hidden = answer.correct === undefined;
+  if (answer.correct !== undefined) {
+    const right = answer.correct === answer.index;
+    badge.className = "badge " + (right ? "right" : "wrong");
+    badge.textContent = right ? "✓ the dataset's answer" : `✗ the dataset says (${LETTERS[answer.correct]})`;
+  }
+
+  const ranked = $("ranked");
+  ranked.replaceChildren();
+  const order = answer.choices || answer.ranked.map((r) => r.choice);
+  answer.ranked.forEach((r, k) => {
+    const row = el("div", "row" + (k === 0 ? " best" : ""));
+    const letter = order.indexOf(r.choice);
+    row.append(el("span", "rank", String(k + 1)),
+               el("span", "letter", letter >= 0 ? `(${LETTERS[letter]})` : ""),
+               el("span", "text", r.choice));
+    const bar = el("span", "bar");
+    const fill = el("span", "fill");
+    fill.style.width = `${Math.max(r.probability * 100, 0.4)}%`;
+    bar.append(fill);
+    row.append(bar, el("span", "pct", pct(r.probability)));
+    row.title = `mean cross-entropy ${r.score.toFixed(4)} (lower is better)`;
+    ranked.append(row);
+  });
+
+  renderFrames(answer);
+  const t = answer.timings || {};
+  const parts = [`model ${ms(t.model || 0)}`, `queue ${ms(t.queue || 0)}`];
+  if (t.video !== undefined) parts.unshift(`video ${ms(t.video)}`);
+  const batch = answer.batch_size > 1 ? ` · scored in a batch of ${answer.batch_size}` : "";
+  const slots = (answer.frame_attention || []).length;
+  $("timings").textContent = `Answered in ${ms(t.total || 0)} on the server (${parts.join(", ")})` +
+    ` · ${ms(clientSeconds)} in the browser${batch} · ${answer.n_frames} video frames in ${slots} slots`;
+}
+
+function renderFrames(answer) {
+  const attention = answer.frame_attention || [];
+  const n = attention.length;
+  const most = Math.max(...attention, 1e-9);
+  const strip = $("frames");
+  strip.replaceChildren();
+  strip.style.setProperty("--slots", String(Math.max(n, 1)));
+  for (let j = 0; j < n; j++) {
+    const slot = el("figure", "slot");
+    const tile = el("div", "tile");
+    const thumb = answer.thumbnails ? answer.thumbnails[j] : undefined;
+    const label = answer.frames ? answer.frames[j] : undefined;
+    if (thumb) {
+      const img = el("img");
+      img.src = thumb;
+      img.alt = `frame ${j + 1}`;
+      tile.append(img);
+    } else if (label) {
+      tile.style.background = colour(label);
+      tile.append(el("span", "activity", label));
+    } else {
+      tile.classList.add("padding");
+      tile.append(el("span", "activity", "padding"));
+    }
+    const meter = el("div", "meter");
+    const level = el("div", "level");
+    level.style.height = `${(attention[j] / most) * 100}%`;
+    if (attention[j] === most) slot.classList.add("peak");
+    meter.append(level);
+    slot.append(tile, meter, el("figcaption", "", `${j + 1} · ${attention[j].toFixed(3)}`));
+    slot.title = `slot ${j + 1}: attention ${attention[j].toFixed(4)}`;
+    strip.append(slot);
+  }
+}
+
+// ------------------------------------------------------------------ start
+
+async function start() {
+  document.querySelectorAll(".tab").forEach((tab) => tab.addEventListener("click", () => setSource(tab.dataset.pane)));
+  $("example").addEventListener("change", () => showExample($("example").value));
+  $("add-choice").addEventListener("click", () => addChoice("", true));
+  $("ask").addEventListener("click", ask);
+  document.querySelector(".ask-card").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && e.target.tagName === "INPUT" && e.target.type === "text") ask();
+  });
+  setChoices([]);
+  try {
+    const [health, examples] = await Promise.all([api("/api/health"), api("/api/examples")]);
+    state.health = health;
+    const file = health.checkpoint.split(/[\\/]/).pop();
+    $("model").textContent = `${health.model} · ${file} · ${health.device}`;
+    $("model").title = health.checkpoint;
+    state.examples = examples;
+    for (const ex of examples) {
+      state.byId.set(ex.id, ex);
+      const text = ex.question || ex.id;
+      $("example").append(new Option(text.length > 60 ? text.slice(0, 59) + "…" : text, ex.id));
+      (ex.frames || []).forEach(colour);
+    }
+    $("upload-hint").textContent = health.uploads
+      ? `Up to ${health.max_upload_mb} MB and ${health.max_seconds} s of video.`
+      : "This server was started without --clip_model, so it cannot read videos.";
+    $("video").disabled = !health.uploads;
+    $("subtitles").disabled = !health.uploads;
+    if (!examples.length) {
+      $("example").append(new Option("(no examples on this server)", ""));
+      setSource("upload");
+    }
+  } catch (err) {
+    $("model").textContent = "offline";
+    return showError(err.message);
+  }
+  const params = new URLSearchParams(location.search);
+  const wanted = params.get("example");
+  if (state.examples.length) showExample(state.byId.has(wanted) ? wanted : state.examples[0].id);
+  if (wanted && !state.byId.has(wanted)) {
+    showError(`unknown example "${wanted}": pick one from the list`);
+  } else if (wanted) {
+    if (params.has("q")) $("question").value = params.get("q");
+    if (params.getAll("c").length) setChoices(params.getAll("c"));
+    ask();
+  }
+}
+
+start();

@@ -227,3 +227,25 @@ def test_cli_extracts_siglip_features(tmp_path: Path, tiny_siglip: Path) -> None
     features = torch.load(output, weights_only=True)
     assert {k: tuple(v.shape) for k, v in features.items()} == {"one": (3, WIDTH), "two": (2, WIDTH)}
     assert json.loads(record_path(output).read_text())["feature_dim"] == WIDTH
+
+
+def test_ask_reads_a_video_with_the_siglip_encoder(tmp_path: Path, tiny_siglip: Path) -> None:
+    """flipvqa ask on a video file, with a checkpoint whose projection takes SigLIP's width: the
+    features are extract-features' for the same video."""
+    from flipvqa.ask import Answerer
+
+    from conftest import REF, case_dir
+
+    ckpt = torch.load(case_dir("nextqa") / "checkpoint.pth", weights_only=False)
+    dim = ckpt["model"]["visual_proj.weight"].shape[0]
+    ckpt["model"]["visual_proj.weight"] = torch.randn(dim, WIDTH, generator=torch.Generator().manual_seed(0))
+    torch.save(ckpt, tmp_path / "siglip-ckpt.pth")
+    video = make_video(tmp_path / "clip.mp4", 100)  # 4 s
+    answerer = Answerer(tmp_path / "siglip-ckpt.pth", clip_model=str(tiny_siglip), device="cpu",
+                        llama_model_path=str(REF / "llama"), model="tiny", adapter_layer=2, max_seq_len=128)
+    features, frames = answerer.video_features(video)
+    extract_features([video], tiny_siglip, tmp_path / "f.pth", fps=1, device="cpu")
+    torch.testing.assert_close(features, torch.load(tmp_path / "f.pth")["clip"].float(), rtol=2e-3, atol=2e-3)
+    assert features.shape == (4, WIDTH) and frames[0].shape == (48, 64, 3)  # whole frames: SigLIP resizes them
+    answer = answerer.ask(video, "what happens", ["a dog runs", "a cat sleeps"], explain=True)
+    assert answer.n_frames == 4 and len(answer.frame_attention) == 10

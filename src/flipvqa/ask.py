@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -91,28 +92,36 @@ class Answerer:
         self.clip_model, self.fps, self._clip = clip_model, fps, None
 
     def video_features(self, video: str | Path) -> tuple[Tensor, list]:
-        """CLIP features [frames, width] of a video file, and its sampled frames (uint8)."""
-        from .features.video import sample_frames
+        """Frame features [frames, width] of a video file, and its sampled frames (uint8), with the
+        ``--clip_model`` encoder (CLIP, or any tower ``extract-features`` reads, such as SigLIP)."""
+        from .features.video import iter_frames
 
-        self._need_clip()
-        frames = sample_frames(video, self.fps)
-        if len(frames) == 0:
+        frames = list(iter_frames(video, self.fps, crop=self.encoder.crop))
+        if not frames:
             raise FlipVQAError(f"{video}: no frames could be decoded")
-        return self.embed_frames(frames), list(frames)
+        return self.embed_frames(np.stack(frames)), frames
 
-    def embed_frames(self, frames) -> Tensor:
-        """CLIP features [frames, width] (float32) of uint8 frames [n, 224, 224, 3]."""
-        from .features.clip import embed, load_clip
+    @property
+    def encoder(self):
+        """The frame encoder of ``--clip_model``, loaded on first use."""
+        from .features.clip import load_encoder
 
         self._need_clip()
         if self._clip is None:
-            self._clip = load_clip(self.clip_model, self.device)
-        return embed(self._clip, frames, self.device).float()
+            self._clip = load_encoder(self.clip_model, self.device)
+        return self._clip
+
+    def embed_frames(self, frames: np.ndarray) -> Tensor:
+        """Features [frames, width] (float32) of uint8 frames [n, H, W, 3] as ``iter_frames``
+        gives them for this encoder (CLIP: 224x224 crops)."""
+        encoder = self.encoder
+        return encoder.embed(encoder.prepare(frames), self.device).float()
 
     def _need_clip(self) -> None:
         if self.clip_model is None:
             raise FlipVQAError("a CLIP model is needed to read a video: pass --clip_model (a local folder of "
-                               "openai/clip-vit-large-patch14) or precomputed --features")
+                               "openai/clip-vit-large-patch14, or the encoder the features were made with) "
+                               "or precomputed --features")
 
     def check_features(self, features: Tensor) -> None:
         """Raise :class:`FlipVQAError` unless ``features`` are [frames, width] this model takes."""

@@ -153,7 +153,7 @@ class Backend:
         return Question(features, question, list(choices), subtitles), extra
 
     def decode(self, video: Upload):
-        """The sampled frames of an upload (uint8 [n, 224, 224, 3]), as ``flipvqa ask`` samples them,
+        """The sampled frames of an upload (uint8 [n, H, W, 3]; CLIP: 224x224), as ``flipvqa ask`` samples them,
         refusing a video longer than ``max_seconds`` before decoding all of it."""
         import numpy as np
 
@@ -167,7 +167,7 @@ class Backend:
         limit = int(self.max_seconds * fps) + 1  # fps-filter rounding gives one frame more at most
         frames = []
         try:
-            for frame in iter_frames(video.path, fps):
+            for frame in iter_frames(video.path, fps, crop=self.answerer.encoder.crop):
                 frames.append(frame)
                 if len(frames) > limit:
                     raise RequestError(413, f"{video.name}: the video lasts more than the server's --max_seconds "

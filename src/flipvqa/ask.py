@@ -231,7 +231,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--choices", nargs="+", required=True, help=f"2 to {len(LETTERS)} answer choices")
     parser.add_argument("--subtitles", help="an .srt file (its dialogue is added to the prompt)")
     parser.add_argument("--features", help="a clipvitl14.pth-style file to take the video's features from")
-    parser.add_argument("--clip_model", help="local folder (or hub id) of CLIP ViT-L/14 to read the video")
+    parser.add_argument("--clip_model", help="local folder (or hub id) of the frame encoder the checkpoint was "
+                                             "trained with, to read the video (CLIP ViT-L/14 for the released "
+                                             "features; SigLIP works too)")
     parser.add_argument("--fps", type=float, default=1.0, help="frames per second to sample (default: 1; "
                                                                "TVQA-style: 3)")
     parser.add_argument("--explain", metavar="PNG", help="write a picture of frames, attention and choices")

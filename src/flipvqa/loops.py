@@ -140,15 +140,15 @@ def train_one_epoch(model: FlippedVQA, loader: Iterable, optimizer: torch.optim.
             bar.set_postfix(loss=f"{values[0]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         state.step += 1
         if state.step % args.accum_iter == 0:
+            metrics = None
             if accumulated:  # an accumulation whose every batch was skipped is no step
                 norm = optimizer_step(model, optimizer, dist=dist, scaler=scaler)
                 means = [sum(col) / len(accumulated) for col in zip(*accumulated)]
                 metrics = {"lr": optimizer.param_groups[0]["lr"], **dict(zip(LOSS_KEYS, means)), "grad_norm": norm,
                            "seconds": time.perf_counter() - started}
-                state.mark_boundary()
+            state.mark_boundary()
+            if metrics is not None:
                 hooks.on_update(state, metrics)
-            else:
-                state.mark_boundary()
             started, accumulated = time.perf_counter(), []
         if hooks.should_stop():
             raise Stop

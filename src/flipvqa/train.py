@@ -55,8 +55,9 @@ def train(args: argparse.Namespace) -> dict:
     """Train; returns {"best_acc", "best_epoch", "log": [per-epoch dicts], "output_dir"}."""
     dist, device = init_distributed(args.device)
     out = Path(args.output_dir)
-    resume = str(out / LAST) if args.resume == "auto" and (out / LAST).is_file() else \
-        ("" if args.resume == "auto" else args.resume)
+    resume = args.resume
+    if resume == "auto":  # this folder's own state, if it has one; else a new run
+        resume = str(out / LAST) if (out / LAST).is_file() else ""
     seed_everything(args.seed + dist.rank)
     # What is cheap to check comes first: the tokenizer, the data, the checkpoint file. The
     # backbone (13 GB for 7B) loads only once they are fine.
@@ -80,11 +81,12 @@ def train(args: argparse.Namespace) -> dict:
         for _, p in model.trainable_parameters():
             torch_dist.broadcast(p.data, src=0)
 
-    fresh = prog.epoch == 0 and prog.step == 0
+    continued = ckpt is not None and progress_of(ckpt) is not None  # a checkpoint_last.pth state
     if dist.is_main:
-        prepare_output_dir(out, fresh and not progress_of(ckpt or {}), args.overwrite)
+        prepare_output_dir(out, fresh=prog.epoch == 0 and prog.step == 0 and not continued,
+                           overwrite=args.overwrite)
         kept = cut_records(out, prog.epoch, prog.global_step)
-        if progress_of(ckpt or {}) is None:  # not a state of this folder: keep the folder's best
+        if not continued:  # the state does not carry this folder's best: keep the folder's own
             prog.best_acc, prog.best_epoch = best_of(kept, out)
         write_run_json(out, args)
     if dist.enabled:

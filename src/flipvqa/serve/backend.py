@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import logging
 import threading
 import time
@@ -20,6 +19,7 @@ import torch
 
 from ..ask import Answerer, Question
 from ..errors import FlipVQAError
+from ..io import load_tensors, read_json
 from ..prompts import LETTERS
 from .batching import BatchQueue
 
@@ -274,8 +274,8 @@ def thumbnails(frames, slots: list[Optional[int]]) -> list[Optional[str]]:
 
 def demo_examples(folder: Path) -> list[Example]:
     """The demo's bundled questions (``examples.json``) with their videos' features (``examples.pth``)."""
-    listed = json.loads((folder / "examples.json").read_text())
-    features = torch.load(folder / "examples.pth", map_location="cpu", weights_only=True)
+    listed = read_json(folder / "examples.json")
+    features = load_tensors(folder / "examples.pth", "example features")
     out = []
     for entry in listed:
         info = {k: v for k, v in entry.items() if k != "id"}

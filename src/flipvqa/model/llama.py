@@ -57,6 +57,9 @@ SHAPES: dict[str, ModelArgs] = {
     "llama-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32),
     "llama-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40),
     "llama-33b": ModelArgs(dim=6656, n_layers=60, n_heads=52),
+    # LLaMA 2 70B: grouped-query attention (8 key/value heads), feed-forward 28672.
+    "llama-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3,
+                           multiple_of=4096),
     "bench-512": ModelArgs(dim=512, n_layers=8, n_heads=8),
 }
 

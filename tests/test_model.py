@@ -7,6 +7,7 @@ import torch
 from flipvqa import data
 from flipvqa.checkpoints import build_backbone
 from flipvqa.data.dataset import VQADataset, collate
+from flipvqa.model import scoring
 from flipvqa.model.flipped import FlipConfig, FlippedVQA
 from flipvqa.checkpoints import load_trainable
 
@@ -30,11 +31,13 @@ def dataset(name, case, split, tokenizer):
                       train=split == "train", tasks=("vqa", "vaq", "qav") if split == "train" else ("vqa",))
 
 
-@pytest.mark.parametrize("naive", [False, True], ids=["fast", "naive"])
+@pytest.mark.parametrize("mode", ["fast", "no-prefix-cache", "naive"])
 @pytest.mark.parametrize("name", CASES)
-def test_losses_and_scores_match_reference(name, naive, llama_tokenizer):
+def test_losses_and_scores_match_reference(name, mode, llama_tokenizer):
     model, case = reference_model(name)
+    naive = mode == "naive"
     model.naive = naive  # the reference's computation (padding to max_seq_len, all logits, ...)
+    model.prefix_cache = mode == "fast"  # the shared instruction prefix run once (or per sequence)
     pad_to = case["max_seq_len"] if naive else None
     exp = expected(name)
     train = dataset(name, case, "train", llama_tokenizer)
@@ -95,7 +98,7 @@ def test_prefix_shared_scoring_equals_full_sequences(name, llama_tokenizer):
     batch = collate([val[i] for i in range(len(val))])
     tb = batch.tasks["vqa"]
     n_opt = tb.ids.shape[0] // len(val)
-    assert model._shared_prefix(tb, len(val), n_opt) is not None  # the shared path is taken
+    assert scoring.shared_prefix(model, tb, len(val), n_opt) is not None  # the shared path is taken
     fast = model.score_options(batch)
     model.naive = True
     naive = model.score_options(collate([val[i] for i in range(len(val))], pad_to=case["max_seq_len"]))

@@ -140,6 +140,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("flipvqa: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # a torchrun worker: leave the group cleanly
+            from .devices import close_distributed
+
+            close_distributed()
 
 
 if __name__ == "__main__":

@@ -79,6 +79,12 @@ def init_distributed(device: Optional[str]) -> tuple[Dist, torch.device]:
     return Dist(rank, world, local), resolved
 
 
+def close_distributed() -> None:
+    """Leave the process group (at exit, so that no rank is torn down mid-collective)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """Mixed precision in the frozen weights' dtype (bf16/fp16), so that the float32 trainable
     parts meet them in matmuls; plain float32 (the default on CPU) runs without autocast."""

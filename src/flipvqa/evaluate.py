@@ -15,6 +15,7 @@ from .devices import autocast, init_distributed, seed_everything
 from .io import write_jsonl
 from .loops import eval_loader, score_split
 from .metrics import accuracy, per_type_accuracy
+from .parallel import shard_backbone
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +38,14 @@ def evaluate(args: argparse.Namespace, ckpt: Optional[dict] = None) -> dict:
     width = expected_feature_dim(ckpt, args.resume)
     dataset = data.build_dataset(args, tokenizer, args.split, train=False, feature_dim=width)
     model = build_model(args, device, tokenizer, dataset.feature_dim)
+    sharded = args.fsdp and shard_backbone(model, device, dist)
     if ckpt is not None:
         load_trainable(model, args.resume, ckpt)
     else:
         log.warning("no --resume checkpoint: evaluating freshly initialised Flipped-VQA weights")
     amp = autocast(device, model.backbone.tok_embeddings.weight.dtype)
     rows = score_split(model, eval_loader(dataset, args.batch_size, args.num_workers, dist), device, amp, dist,
-                       desc=f"eval {args.split}")
+                       desc=f"eval {args.split}", lockstep=sharded)
     answered = all(r["answer"] is not None for r in rows)  # else a split for prediction only
     names = data.type_names(args.dataset, (r["qtype"] for r in rows))
     result = {"accuracy": accuracy(rows) if answered else None, "n": len(rows), "predictions": None,

@@ -177,12 +177,18 @@ def _average_gradients(params: list[torch.Tensor], dist: Dist) -> None:
 
 
 @torch.no_grad()
-def score_split(model: FlippedVQA, loader: Iterable, device: torch.device, amp, dist: Dist,
-                desc: str = "eval", should_stop: Callable[[], bool] = lambda: False) -> list[dict]:
+def score_split(model: FlippedVQA, loader: DataLoader, device: torch.device, amp, dist: Dist,
+                desc: str = "eval", should_stop: Callable[[], bool] = lambda: False,
+                lockstep: bool = False) -> list[dict]:
     """Per-option scores of every question of the loader, gathered on every rank and sorted by
-    the question's index (each question exactly once, also under torchrun)."""
+    the question's index (each question exactly once, also under torchrun).
+
+    ``lockstep`` (a sharded backbone, whose every call is collective): a rank with fewer batches
+    than another scores a stand-in batch for each missing one and drops its scores."""
     model.eval()
     rows = []
+    missing = _batches_behind(len(loader), dist, device) if lockstep and dist.enabled else 0
+    batch = None
     for batch in progress(loader, desc, enabled=dist.is_main):
         with amp:
             scores = model.score_options(batch.to(device)).float().cpu()
@@ -193,11 +199,23 @@ def score_split(model: FlippedVQA, loader: Iterable, device: torch.device, amp, 
         crash_point("validation")
         if should_stop():
             raise Stop
+    if missing:
+        stand_in = batch if batch is not None else loader.collate_fn([loader.dataset.dataset[0]])
+        for _ in range(missing):
+            with amp:
+                model.score_options(stand_in.to(device))
     if dist.enabled:
         gathered = [None] * dist.world_size
         torch_dist.all_gather_object(gathered, rows)
         rows = [r for part in gathered for r in part]
     return sorted(rows, key=lambda r: r["index"])
+
+
+def _batches_behind(n_batches: int, dist: Dist, device: torch.device) -> int:
+    """How many batches fewer than the busiest rank this rank has."""
+    t = torch.tensor([n_batches], dtype=torch.float64, device=device)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return int(t.item()) - n_batches
 
 
 def eval_loader(dataset, batch_size: int, num_workers: int, dist: Dist, pad_to: Optional[int] = None) -> DataLoader:

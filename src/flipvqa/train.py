@@ -31,6 +31,7 @@ from .evaluate import write_predictions
 from .loops import EpochState, Hooks, NonFinite, Stop, epoch_means, eval_loader, score_split, train_one_epoch
 from .metrics import accuracy_stats, per_type_accuracy
 from .optim import base_lr, make_optimizer
+from .parallel import shard_backbone
 from .runlog import RunLog
 from .runstate import (BEST, LAST, PREDICTIONS, Interrupted, Progress, StopSignals, best_of, check_same_run,
                        cut_records, prepare_output_dir, progress_of, restore_rng, save_state, write_run_json)
@@ -67,6 +68,7 @@ def train(args: argparse.Namespace) -> dict:
     train_set = data.build_dataset(args, tokenizer, "train", train=True, feature_dim=width)
     val_set = data.build_dataset(args, tokenizer, "val", train=False, feature_dim=width)
     model = build_model(args, device, tokenizer, train_set.feature_dim)
+    sharded = args.fsdp and shard_backbone(model, device, dist)
 
     eff_batch = args.batch_size * args.accum_iter * dist.world_size
     if args.lr is None:
@@ -135,7 +137,7 @@ def train(args: argparse.Namespace) -> dict:
                 # Under torchrun the ranks' validation batches differ in number: they cannot agree on
                 # a stop in the middle, so a stop requested there waits for the epoch's end.
                 rows = score_split(model, val_loader, device, amp, dist, desc=f"val {epoch}",
-                                   should_stop=should_stop if not dist.enabled else lambda: False)
+                                   should_stop=should_stop if not dist.enabled else lambda: False, lockstep=sharded)
                 entry = _log_entry(train_stats, epoch, optimizer, rows, groups, weighted, args, state)
                 history.append(entry)
                 if dist.is_main and entry["val_acc"] > prog.best_acc:  # strictly better: ties keep the earlier

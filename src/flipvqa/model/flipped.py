@@ -12,15 +12,16 @@ writes out what the reference computes here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from . import scoring
 from .inputs import FEATURE_DIM, Batch, TaskBatch
-from .llama import Transformer, rope_cos_sin
+from .llama import Transformer
 
 
 @dataclass
@@ -61,6 +62,15 @@ class FlippedVQA(nn.Module):
             nn.ModuleDict({"attention": AttentionGates(args.n_heads, cfg.bias)}) for _ in range(args.n_layers))
         self._naive = False
         self.grad_checkpointing = False
+        # The tokens every sequence of a task starts with ("[BOS] Instruction: ... Video:") run
+        # once, for one row, instead of once per sequence: per batch in training (gradients flow
+        # through it as before), and cached across batches when no gradient is needed. Same
+        # numbers; off in naive mode. docs/faithfulness.md, "Shared instruction prefix".
+        self.prefix_cache = True
+        self._prefix_kv_cache: dict = {}
+        # agree(flag): whether every process says True. Sharded blocks (flipvqa.parallel) gather
+        # their weights collectively, so all processes must take the same path through them.
+        self.agree: Callable[[bool], bool] = lambda flag: flag
 
     @property
     def naive(self) -> bool:
@@ -129,11 +139,76 @@ class FlippedVQA(nn.Module):
         mask_for = self.video_bias_mask(tb, seqlen) if video_bias else (lambda gate2: None)
         return self.run_layers(h, rope, mask_for)[0]
 
-    def run_layers(self, h: Tensor, rope, mask_for, past: Optional[list] = None, keep_kv: bool = False):
+    def shared_hidden(self, tb: TaskBatch, h: Tensor, video_bias: bool, needed_from: Tensor,
+                      keep_kv: bool = False) -> tuple[Tensor, int, list]:
+        """:meth:`hidden`, doing only the work whose results are used: the leading tokens every
+        row shares (ahead of its video and of ``needed_from``, the first position whose hidden
+        state is read) run once, for one row; the last layer computes outputs only from
+        ``min(needed_from)`` on. Fast mode only (the naive mode runs whole sequences).
+
+        Returns the hidden states from position ``start`` on, ``start`` and, with ``keep_kv``,
+        every layer's keys/values of all positions."""
+        n, seqlen = h.shape[0], h.shape[1]
+        if self.naive:
+            rope = self.backbone.rope(0, seqlen, h.device)
+            mask_for = self.video_bias_mask(tb, seqlen) if video_bias else (lambda gate2: None)
+            out, kvs = self.run_layers(h, rope, mask_for, keep_kv=keep_kv)
+            return out, 0, kvs
+        p = self._shared_length(tb, needed_from)
+        if not self.agree(p > 0):
+            p = 0
+        start = max(p, min(int(needed_from.min()), seqlen - 1))
+        past = None
+        if p:
+            past = [None if kv is None else (kv[0].expand(n, -1, -1, -1), kv[1].expand(n, -1, -1, -1))
+                    for kv in self._prefix_kv(tb.ids[:1, :p])]
+        pos = torch.arange(seqlen, device=h.device)
+        q_pos, k_pos = pos[None, p:], pos[None]
+        mask_for = self.attention_mask(tb.video_start, q_pos, k_pos, k_pos[:, None, :] <= q_pos[:, :, None])
+        if not video_bias:  # QAV: causal only
+            causal = mask_for(torch.zeros(1, 1, 1, 1, device=h.device))
+            mask_for = lambda gate2: causal  # noqa: E731
+        out, kvs = self.run_layers(h[:, p:], self.backbone.rope(p, seqlen - p, h.device), mask_for, past=past,
+                                   keep_kv=keep_kv, out_from=start - p)
+        return out, start, kvs
+
+    def _shared_length(self, tb: TaskBatch, needed_from: Tensor) -> int:
+        """How many leading tokens all rows have in common, before any video slot and before
+        ``needed_from``; 0 when sharing is off or would not pay (one row and nothing to cache)."""
+        if not self.prefix_cache or (tb.ids.shape[0] < 2 and torch.is_grad_enabled()):
+            return 0
+        common = int((tb.ids == tb.ids[:1]).all(dim=0).long().cumprod(0).sum())
+        return max(0, min(common, int(tb.video_start.min()), int(needed_from.min())))
+
+    def _prefix_kv(self, ids: Tensor) -> list:
+        """Every layer's keys/values of one prefix (1, p) that holds no video. Without gradients
+        they are cached: the prefix depends only on the model, and the key holds the trainable
+        tensors' versions, so an optimizer step or a loaded checkpoint computes it anew (the
+        frozen backbone does not change)."""
+        if torch.is_grad_enabled():
+            return self._run_prefix_kv(ids)
+        device = ids.device.type
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        key = (tuple(ids[0].tolist()), str(ids.device), autocast,
+               tuple((p.data_ptr(), p._version) for _, p in self.trainable_parameters()))
+        if not self.agree(key in self._prefix_kv_cache):
+            if len(self._prefix_kv_cache) >= 8:  # a few prompts per dataset; old weights' entries go
+                self._prefix_kv_cache.clear()
+            self._prefix_kv_cache[key] = self._run_prefix_kv(ids)
+        return self._prefix_kv_cache[key]
+
+    def _run_prefix_kv(self, ids: Tensor) -> list:
+        h = self.backbone.tok_embeddings(ids)
+        return self.run_layers(h, self.backbone.rope(0, ids.shape[1], h.device), lambda gate2: None, keep_kv=True)[1]
+
+    def run_layers(self, h: Tensor, rope, mask_for, past: Optional[list] = None, keep_kv: bool = False,
+                   out_from: int = 0):
         """The backbone's layers; the last ``adapter_layer`` get the prompt and the gates.
 
         ``mask_for(gate2)`` gives a layer's additive mask from its video bias (None: causal).
         ``past``: per-layer keys/values of a prefix; ``keep_kv`` returns this pass's.
+        ``out_from``: the last layer's outputs are computed from that position of ``h`` on
+        (the hidden states returned start there); it needs an explicit mask.
         """
         n_layers = len(self.backbone.layers)
         first_adapted = n_layers - self.cfg.adapter_layer
@@ -146,18 +221,18 @@ class FlippedVQA(nn.Module):
                     kvs.append(None)
                     continue
                 mask = None if layer_past is None else mask_for(torch.zeros_like(self.layers[j]["attention"].gate2))
-                h, kv = self._call(layer, h, rope, mask, None, None, layer_past)
+                h, kv = self._call(layer, h, rope, mask, None, None, layer_past, 0)
             else:
                 gates = self.layers[j]["attention"]
                 h, kv = self._call(layer, h, rope, mask_for(gates.gate2), prompts[j - first_adapted],
-                                   gates.gate1.tanh(), layer_past)
+                                   gates.gate1.tanh(), layer_past, out_from if j == n_layers - 1 else 0)
             kvs.append(kv if keep_kv else None)
         return h, kvs
 
-    def _call(self, layer, h, rope, mask, prompt, gate, past):
+    def _call(self, layer, h, rope, mask, prompt, gate, past, out_from):
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(layer, h, rope, mask, prompt, gate, past, use_reentrant=False)
-        return layer(h, rope, mask, prompt, gate, past)
+            return checkpoint(layer, h, rope, mask, prompt, gate, past, out_from, use_reentrant=False)
+        return layer(h, rope, mask, prompt, gate, past, out_from)
 
     # ---------------------------------------------------------------- objectives
     def _token_targets(self, tb: TaskBatch) -> tuple[Tensor, Tensor, Tensor]:
@@ -169,8 +244,11 @@ class FlippedVQA(nn.Module):
 
     def token_losses(self, tb: TaskBatch, frames: Tensor) -> tuple[Tensor, Tensor]:
         """Per-target cross-entropy (only target positions reach the vocabulary) and its rows."""
-        h = self.hidden(tb, self.embed(tb, frames), video_bias=True)
         rows, pos, targets = self._token_targets(tb)
+        h = self.embed(tb, frames)
+        if not self.naive:  # the last token predicts nothing
+            h = h[:, :int(tb.length.max()) - 1]
+        h, start, _ = self.shared_hidden(tb, h, True, tb.label_start - 1)
         if self.naive:  # the reference: logits and cross-entropy at every position, non-targets ignored
             labels = torch.full(tb.ids.shape, -100, dtype=torch.long, device=h.device)
             labels[rows, pos] = targets
@@ -178,14 +256,17 @@ class FlippedVQA(nn.Module):
             losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
             return losses.view_as(labels)[rows, pos], rows
         # only target positions reach the vocabulary
-        logits = self.backbone.output(self.backbone.norm(h[rows, pos])).float()
+        logits = self.backbone.output(self.backbone.norm(h[rows, pos - start])).float()
         return F.cross_entropy(logits, targets, reduction="none"), rows
 
     def qav_loss(self, tb: TaskBatch, frames: Tensor, projected: Tensor) -> Tensor:
         """Frame-slot classification: the hidden state before slot i should pick frame i."""
-        h = self.hidden(tb, self.embed(tb, frames), video_bias=False)
         v = self.cfg.max_feats
-        pos = tb.video_start[:, None] - 1 + torch.arange(v, device=h.device)  # (n, v)
+        h = self.embed(tb, frames)
+        if not self.naive:  # nothing after the last slot's predecessor is read
+            h = h[:, :int(tb.video_start.max()) + v - 1]
+        h, start, _ = self.shared_hidden(tb, h, False, tb.video_start - 1)
+        pos = tb.video_start[:, None] - 1 - start + torch.arange(v, device=h.device)  # (n, v)
         rows = torch.arange(h.shape[0], device=h.device)[:, None]
         hq = self.backbone.norm(h[rows, pos]).float()  # (n, v, dim)
         scores = torch.bmm(hq, projected.float().transpose(1, 2)) / self.cfg.tau  # (n, v, v)
@@ -205,86 +286,19 @@ class FlippedVQA(nn.Module):
     def score_options(self, batch: Batch) -> Tensor:
         """Mean cross-entropy of each option's answer tokens, (batch, n_options); lower is better.
 
-        The option sequences of a question are equal up to the answer, so scoring runs in three
-        stages: the shared prefix (instruction, video, dialogue, question, choices) once per
-        question; every option's suffix against the prefix's keys/values; the suffixes' targets.
+        What the options of a question share runs once (:mod:`flipvqa.model.scoring`);
         ``naive`` runs every option as a full sequence instead (the reference's way; same numbers).
         """
         tb = batch.tasks["vqa"]
         n_q = batch.video.shape[0]
         n_opt = tb.ids.shape[0] // n_q
         frames = self.video_inputs(batch.video)[1]
-        split = None if self.naive else self._shared_prefix(tb, n_q, n_opt)
+        split = None if self.naive else scoring.shared_prefix(self, tb, n_q, n_opt)
+        if not self.agree(split is not None):
+            split = None
         if split is None:
             losses, rows = self.token_losses(tb, frames.repeat_interleave(n_opt, dim=0))
-            return _mean_per_row(losses, rows, tb.ids.shape[0]).view(n_q, n_opt)
-        prefix, past = self._run_prefix(tb, frames, split, n_q, n_opt)
-        suffix, h = self._run_suffixes(tb, prefix, past, split, n_q, n_opt)
-        return self._suffix_scores(tb, suffix, h, split, n_q, n_opt)
-
-    def _shared_prefix(self, tb: TaskBatch, n_q: int, n_opt: int) -> Optional[Tensor]:
-        """Per question, the number of leading tokens its options share and that no target
-        needs as output (up to the first target's predecessor); None if the video is not in it."""
-        ids = tb.ids.view(n_q, n_opt, -1)
-        first_target = tb.label_start.view(n_q, n_opt).min(dim=1).values - 1  # its hidden state is needed
-        same = (ids == ids[:, :1]).all(dim=1).long()  # (n_q, seq)
-        common = same.cumprod(dim=1).sum(dim=1)
-        split = torch.minimum(first_target, common)
-        video_end = tb.video_start.view(n_q, n_opt).max(dim=1).values + self.cfg.max_feats
-        if bool((split < video_end).any()):
-            return None
-        return split
-
-    def _run_prefix(self, tb: TaskBatch, frames: Tensor, split: Tensor, n_q: int, n_opt: int
-                    ) -> tuple[TaskBatch, list]:
-        """Stage 1: each question's shared prefix (its first option's first ``split`` tokens,
-        right-padded to the longest), as whole sequences; returns them and every layer's keys/values."""
-        p_len = int(split.max())
-        first = tb.rows(torch.arange(n_q, device=split.device) * n_opt)  # option 0 of each question
-        prefix = TaskBatch(first.ids[:, :p_len], first.label_start, split, first.video_start)
-        h = self.embed(prefix, frames)
-        _, past = self.run_layers(h, self.backbone.rope(0, p_len, h.device), self.video_bias_mask(prefix, p_len),
-                                  keep_kv=True)
-        return prefix, past
-
-    def _run_suffixes(self, tb: TaskBatch, prefix: TaskBatch, past: list, split: Tensor, n_q: int,
-                      n_opt: int) -> tuple[Tensor, Tensor]:
-        """Stage 2: every option's tokens after ``split``, the options of a question side by side
-        in one row, attending to the prefix's keys (up to its own split) and causally to their own
-        option's earlier tokens. Returns the suffix ids (n_q, n_opt, s_len) and hidden states."""
-        device = tb.ids.device
-        ids = tb.ids.view(n_q, n_opt, -1)
-        s_len = int((tb.length.view(n_q, n_opt) - split[:, None]).max())
-        t = torch.arange(s_len, device=device)
-        src = (split[:, None, None] + t).clamp(max=ids.shape[2] - 1)  # (n_q, 1, s_len)
-        suffix = ids.gather(2, src.expand(n_q, n_opt, s_len))  # (n_q, n_opt, s_len)
-        q_pos = (split[:, None] + t).repeat(1, n_opt)  # (n_q, n_opt * s_len): absolute positions
-        p_len = prefix.ids.shape[1]
-        k_pos = torch.cat([torch.arange(p_len, device=device).expand(n_q, p_len), q_pos], dim=1)
-        q_opt = torch.arange(n_opt, device=device).repeat_interleave(s_len)  # which option a query is
-        same_option_causal = (q_opt[:, None] == q_opt[None, :]) & (t.repeat(n_opt)[None, :] <= t.repeat(n_opt)[:, None])
-        prefix_valid = torch.arange(p_len, device=device)[None, :] < split[:, None]  # (n_q, p_len)
-        allowed = torch.cat([prefix_valid[:, None, :].expand(n_q, q_pos.shape[1], p_len),
-                             same_option_causal[None].expand(n_q, -1, -1)], dim=2)
-        mask_for = self.attention_mask(prefix.video_start, q_pos, k_pos, allowed)
-        h = self.backbone.tok_embeddings(suffix.reshape(n_q, -1))
-        h, _ = self.run_layers(h, rope_cos_sin(self.backbone.inv_freq, q_pos), mask_for, past=past)
-        return suffix, h.view(n_q, n_opt, s_len, -1)
-
-    def _suffix_scores(self, tb: TaskBatch, suffix: Tensor, h: Tensor, split: Tensor, n_q: int,
-                       n_opt: int) -> Tensor:
-        """Stage 3: option k's targets are its tokens from its label start on, each predicted by
-        the position before it; its score is their mean cross-entropy."""
-        lengths, label_start = tb.length.view(n_q, n_opt), tb.label_start.view(n_q, n_opt)
-        pos = split[:, None, None] + torch.arange(suffix.shape[2], device=h.device)  # absolute position of slot t
-        predicts_target = (pos >= label_start[..., None] - 1) & (pos < lengths[..., None] - 1)
-        qi, oi, ti = predicts_target.nonzero(as_tuple=True)
-        logits = self.backbone.output(self.backbone.norm(h[qi, oi, ti])).float()
-        losses = F.cross_entropy(logits, suffix[qi, oi, ti + 1], reduction="none")
-        return _mean_per_row(losses, qi * n_opt + oi, n_q * n_opt).view(n_q, n_opt)
-
-
-def _mean_per_row(values: Tensor, rows: Tensor, n_rows: int) -> Tensor:
-    total = torch.zeros(n_rows, device=values.device).index_add_(0, rows, values)
-    count = torch.zeros(n_rows, device=values.device).index_add_(0, rows, torch.ones_like(values))
-    return total / count
+            return scoring.mean_per_row(losses, rows, tb.ids.shape[0]).view(n_q, n_opt)
+        prefix, prefix_h, start, past = scoring.run_prefix(self, tb, frames, split, n_q, n_opt)
+        tokens, suffix_h = scoring.run_suffixes(self, tb, prefix, past, split, n_q, n_opt)
+        return scoring.option_scores(self, tb, prefix_h, start, tokens, suffix_h, split, n_q, n_opt)

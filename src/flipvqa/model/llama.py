@@ -153,12 +153,8 @@ class Attention(nn.Module):
         Returns the output and this call's full keys/values (for reuse as a prefix).
         """
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (batch, heads, seq, head_dim)
+        q = apply_rope(self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim), *rope).transpose(1, 2)
+        k, v = self.kv(x, rope)  # (batch, heads, seq, head_dim)
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)
             v = torch.cat([past_kv[1], v], dim=2)
@@ -177,6 +173,13 @@ class Attention(nn.Module):
             out = out + self._prompt_attention(q, prompt, prompt_gate)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
         return self.wo(out), present
+
+    def kv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Keys (rotated) and values (batch, kv_heads, seq, head_dim) of ``x``."""
+        bsz, seqlen, _ = x.shape
+        k = apply_rope(self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim), *rope)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        return k.transpose(1, 2), v.transpose(1, 2)
 
     def _naive_attention(self, q, k, v, mask, prompt, gate) -> tuple[Tensor, Tensor]:
         """(output, the sequence softmax) of the reference's explicit computation."""
@@ -235,7 +238,16 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: Tensor, rope, mask=None, prompt=None, prompt_gate=None, past_kv=None):
+    def forward(self, x: Tensor, rope, mask=None, prompt=None, prompt_gate=None, past_kv=None, out_from: int = 0):
+        """``out_from``: outputs only for the positions from there on; the earlier ones add their
+        keys/values and nothing else (a last layer whose early outputs nobody reads). ``mask``
+        must then be explicit; the keys/values returned are still those of every position."""
+        if out_from:
+            cos, sin = rope
+            head_rope = (cos[..., :out_from, :], sin[..., :out_from, :])
+            head = self.attention.kv(self.attention_norm(x[:, :out_from]), head_rope)
+            past_kv = head if past_kv is None else tuple(torch.cat([p, t], dim=2) for p, t in zip(past_kv, head))
+            x, rope, mask = x[:, out_from:], (cos[..., out_from:, :], sin[..., out_from:, :]), mask[..., out_from:, :]
         attn, present = self.attention(self.attention_norm(x), rope, mask, prompt, prompt_gate, past_kv)
         h = x + attn
         return h + self.feed_forward(self.ffn_norm(h)), present

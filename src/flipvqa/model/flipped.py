@@ -134,10 +134,13 @@ class FlippedVQA(nn.Module):
 
     def hidden(self, tb: TaskBatch, h: Tensor, video_bias: bool) -> Tensor:
         """Run the layers over whole sequences (causal; the video bias for VQA/VAQ)."""
+        return self._whole_sequences(tb, h, video_bias)[0]
+
+    def _whole_sequences(self, tb: TaskBatch, h: Tensor, video_bias: bool, keep_kv: bool = False):
         seqlen = h.shape[1]
         rope = self.backbone.rope(0, seqlen, h.device)
         mask_for = self.video_bias_mask(tb, seqlen) if video_bias else (lambda gate2: None)
-        return self.run_layers(h, rope, mask_for)[0]
+        return self.run_layers(h, rope, mask_for, keep_kv=keep_kv)
 
     def shared_hidden(self, tb: TaskBatch, h: Tensor, video_bias: bool, needed_from: Tensor,
                       keep_kv: bool = False) -> tuple[Tensor, int, list]:
@@ -150,9 +153,7 @@ class FlippedVQA(nn.Module):
         every layer's keys/values of all positions."""
         n, seqlen = h.shape[0], h.shape[1]
         if self.naive:
-            rope = self.backbone.rope(0, seqlen, h.device)
-            mask_for = self.video_bias_mask(tb, seqlen) if video_bias else (lambda gate2: None)
-            out, kvs = self.run_layers(h, rope, mask_for, keep_kv=keep_kv)
+            out, kvs = self._whole_sequences(tb, h, video_bias, keep_kv)
             return out, 0, kvs
         p = self._shared_length(tb, needed_from)
         if not self.agree(p > 0):

@@ -90,3 +90,17 @@ def test_fsdp_with_one_process_warns_and_runs(tmp_path):
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "--fsdp without torchrun" in run.stderr
+
+
+def test_fsdp_stages_the_backbone_on_the_cpu():
+    """Under --fsdp the weights are put together on the CPU, in the dtype meant for the GPU, and
+    fully_shard moves each block's shard: building for CUDA touches no GPU at all."""
+    from flipvqa.checkpoints import build_backbone
+
+    from conftest import REF
+
+    backbone = build_backbone(REF / "llama" / "tiny", torch.device("cuda"), stage_on_cpu=True)
+    tensors = [*backbone.parameters(), backbone.inv_freq]
+    assert {t.device.type for t in tensors} == {"cpu"}
+    file_dtype = torch.load(next((REF / "llama" / "tiny").glob("consolidated.*.pth")))["tok_embeddings.weight"].dtype
+    assert backbone.tok_embeddings.weight.dtype == file_dtype

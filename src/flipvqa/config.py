@@ -84,6 +84,8 @@ class RunConfig:
     fsdp: bool = _opt(False, "under torchrun: shard the frozen backbone over the processes (FSDP2, one unit per "
                              "transformer block); checkpoints still hold the trainable weights only",
                       ("train", "eval"))
+    quantize: Optional[str] = _opt(None, "store the frozen backbone's block linears quantized: int8 (weight-only; "
+                                         "CPU and GPU) | nf4 (GPU); needs pip install 'flipvqa[quant]'", MODEL)
     compile: bool = _opt(False, "torch.compile the backbone's layers (GPU; first steps are slow while it compiles)")
     preset: Optional[str] = _opt(None, "fill in one of the paper's runs: nextqa | star | dramaqa | vlep | tvqa")
 
@@ -92,6 +94,9 @@ class RunConfig:
 # checkpoint's stored args unless they are given (an explicit flag wins).
 MODEL_OPTIONS = ("model", "llama_model_path", "tokenizer_path", "adapter_len", "adapter_layer",
                  "skip_unadapted_layers", "max_seq_len", "max_feats", "bias", "tau", "sub")
+
+# --quantize: how the frozen block linears may be stored (flipvqa.quantize.MODES).
+QUANTIZE_CHOICES = ("int8", "nf4")
 
 # --dtype: the usual spellings of each canonical name.
 DTYPE_SPELLINGS = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
@@ -216,4 +221,10 @@ def resolve(ns: argparse.Namespace) -> argparse.Namespace:
         raise FlipVQAError(f"--num_workers must be >= 0 (got {values['num_workers']})")
     if values["dtype"] is not None:
         values["dtype"] = parse_dtype(values["dtype"])
+    if values["quantize"] is not None:
+        values["quantize"] = str(values["quantize"]).lower()
+        if values["quantize"] not in QUANTIZE_CHOICES:
+            raise FlipVQAError(f"--quantize {values['quantize']}: choose one of {', '.join(QUANTIZE_CHOICES)}")
+        if values["fsdp"]:
+            raise FlipVQAError("--quantize and --fsdp cannot be combined: choose one way to fit the backbone")
     return argparse.Namespace(**values)

@@ -35,6 +35,7 @@ def shard_backbone(model: FlippedVQA, device: torch.device, dist: Dist) -> bool:
     there is a single process and so nothing to shard."""
     if not dist.enabled:
         log.warning("--fsdp without torchrun: one process holds the whole backbone (nothing to shard)")
+        model.backbone.to(device)  # staged on the CPU by build_model
         return False
     try:
         from torch.distributed.device_mesh import init_device_mesh
@@ -52,7 +53,9 @@ def shard_backbone(model: FlippedVQA, device: torch.device, dist: Dist) -> bool:
     if not backbone.args.tie_embeddings:  # a tied output layer is the embedding: both stay whole
         fully_shard(backbone.tok_embeddings, mesh=mesh)
         fully_shard(backbone.output, mesh=mesh)
-    backbone.to(device)  # what is not sharded (norm, rotary table, tied embedding)
+    # fully_shard moved each unit's shard to the device; what is not sharded (norm, rotary
+    # table, a tied embedding) is still where build_model staged it.
+    backbone.to(device)
     model.agree = _all_ranks_agree(device)
     log.info("--fsdp: the backbone's %d blocks sharded over %d processes", len(backbone.layers), dist.world_size)
     return True

@@ -23,7 +23,8 @@ bf16 peak (known cards only).
 
 Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` (weights included); on CPU the
 peak resident set size above the one measured right after the model and the batches are built
-(Linux ``VmHWM``, reset per phase through ``/proc/self/clear_refs``).
+(Linux ``VmHWM``, reset per phase through ``/proc/self/clear_refs``). ``backbone_weights_mb``
+is what the backbone's weights occupy as stored (smaller under ``--quantize``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from ..model.flipped import FlippedVQA
 from ..model.inputs import Batch
 from ..model.llama import SHAPES
 from ..optim import base_lr, make_optimizer
+from ..quantize import quantize_backbone, weight_bytes
 from ..tokenizer import Tokenizer
 from .flops import count_tokens, train_flops
 from .machine import PeakMemory, device_name, gpu_peak_tflops, matmul_peak_gflops, sync
@@ -127,7 +129,7 @@ def bench(ns: argparse.Namespace) -> dict:
             "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "model": args.model, "backbone": backbone_source, "dim": shape.dim, "n_layers": shape.n_layers,
             "n_heads": shape.n_heads, "vocab_size": shape.vocab_size, "batch_size": args.batch_size,
-            "max_seq_len": args.max_seq_len, "objectives": list(tasks), "data": data_source,
+            "max_seq_len": args.max_seq_len, "quantize": args.quantize, "objectives": list(tasks), "data": data_source,
             "steps": ns.steps, "warmup": ns.warmup, "seed": args.seed,
             "load_average_at_start": load_at_start,  # other processes on the machine skew the figures
         },
@@ -135,6 +137,7 @@ def bench(ns: argparse.Namespace) -> dict:
         "eval_questions_per_s": sum(len(b.records) for b in eval_batches[ns.warmup:]) / eval_s,
         "tokens_per_s": tokens / train_s,
         "model_tflops_per_s": achieved / 1e12,
+        "backbone_weights_mb": weight_bytes(model.backbone) / 2**20,  # as stored: quantized or not
         "peak_memory_mb": max(train_peak, eval_peak),
         "train_peak_memory_mb": train_peak,
         "eval_peak_memory_mb": eval_peak,
@@ -208,6 +211,8 @@ def bench_model(args: argparse.Namespace, device: torch.device) -> tuple[Flipped
     else:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backbone = random_backbone(SHAPES[args.model], tokenizer.n_words, device, dtype, args.seed)
+    if args.quantize:
+        quantize_backbone(backbone, args.quantize, device)
     return wrap_backbone(backbone, args, device), tokenizer, "random weights"
 
 
@@ -230,6 +235,17 @@ def bench_datasets(args: argparse.Namespace, tokenizer: Tokenizer,
                           train=train, tasks=_objectives(args) if train else ("vqa",), name="synthetic")
 
     return make(True), make(False), f"synthetic {n}"
+
+
+def option_scores(model: FlippedVQA, dataset: VQADataset, questions: int, batch_size: int,
+                  device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Option scores (float32, on the CPU) of the first ``questions`` questions of ``dataset``, as
+    the evaluation phase computes them; for comparing one model's modes (dtype, quantization)."""
+    step_batches = batch_items(dataset, batch_size, -(-questions // batch_size), shuffle_seed=None)
+    model.eval()
+    with torch.no_grad(), autocast(device, dtype):
+        scores = [model.score_options(collate(items).to(device)).float().cpu() for items in step_batches]
+    return torch.cat(scores)[:questions]
 
 
 def batch_items(dataset: VQADataset, batch_size: int, n_batches: int,

@@ -5,7 +5,7 @@ A rough but honest estimate, in bytes, of what one GPU holds at its peak::
     weights      frozen backbone: bf16 (2 bytes/param); --fsdp on N GPUs: 1/N of every block, of the
                  embedding and of the output layer (flipvqa.parallel's units; the final norm stays
                  whole) plus two whole blocks (the one computing and the next, prefetched);
-                 a quantized backbone (int8/nf4: planned, not implemented yet):
+                 a quantized backbone (--quantize int8|nf4, flipvqa.quantize):
                  the block linears (wq wk wv wo w1 w2 w3) as torchao stores them -- int8: 1 byte/param
                  plus a float32 scale and an int8 zero point per output row; nf4: 4 bits/param plus
                  one int8 scale per block of 64 and one bf16 factor per 256 scales (double

@@ -17,6 +17,7 @@ from ..devices import DTYPES
 from ..errors import FlipVQAError
 from ..model.flipped import FlipConfig, FlippedVQA
 from ..model.llama import ModelArgs, Transformer, rope_frequencies
+from ..quantize import quantize_backbone
 from ..tokenizer import Tokenizer, load_tokenizer
 from .meta import is_meta_folder, load_meta
 from .trainable import check_weights, load_checkpoint, load_trainable, save_checkpoint
@@ -77,8 +78,14 @@ def read_backbone(folder: str | Path) -> tuple[ModelArgs, dict[str, Tensor]]:
                        f"nor a Hugging Face folder (config.json + *.safetensors)")
 
 
-def build_backbone(folder: str | Path, device: torch.device, dtype: torch.dtype | None = None) -> Transformer:
-    """The frozen backbone on ``device``: float32 on CPU, the checkpoint's dtype elsewhere."""
+def build_backbone(folder: str | Path, device: torch.device, dtype: torch.dtype | None = None,
+                   quantize: Optional[str] = None, stage_on_cpu: bool = False) -> Transformer:
+    """The frozen backbone on ``device``: float32 on CPU, the checkpoint's dtype elsewhere.
+
+    With ``quantize`` (:mod:`flipvqa.quantize`) the weights are put together on the CPU and each
+    block reaches ``device`` quantized. With ``stage_on_cpu`` (``--fsdp``) they stay on the CPU,
+    in the dtype chosen for ``device``: :func:`flipvqa.parallel.shard_backbone` moves each
+    block's shard. Either way no GPU holds the whole backbone in full precision."""
     args, state = read_backbone(folder)
     if dtype is None:
         file_dtype = state["tok_embeddings.weight"].dtype
@@ -98,11 +105,15 @@ def build_backbone(folder: str | Path, device: torch.device, dtype: torch.dtype 
     for k, v in state.items():
         if v.shape != expected[k]:
             raise FlipVQAError(f"{folder}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k])}")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()},
+    load_on = torch.device("cpu") if quantize or stage_on_cpu else device
+    model.load_state_dict({k: v.to(device=load_on, dtype=dtype) for k, v in state.items()},
                           strict=False, assign=True)
+    del state
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    model.inv_freq = rope_frequencies(args).to(device)  # a buffer, built on the meta device above
+    model.inv_freq = rope_frequencies(args).to(load_on)  # a buffer, built on the meta device above
+    if quantize:
+        quantize_backbone(model, quantize, device)
     return model
 
 
@@ -130,7 +141,7 @@ def build_model(args: argparse.Namespace, device: torch.device, tokenizer: Token
     dtype = DTYPES[args.dtype] if args.dtype else None
     if dtype is not None and device.type == "cpu" and dtype != torch.float32:
         log.warning("--dtype %s on CPU is slow; float32 is the default there", args.dtype)
-    backbone = build_backbone(backbone_folder(args), device, dtype)
+    backbone = build_backbone(backbone_folder(args), device, dtype, quantize=args.quantize, stage_on_cpu=args.fsdp)
     if tokenizer.n_words > backbone.args.vocab_size:
         raise FlipVQAError(f"{args.tokenizer_path}: {tokenizer.n_words} tokens, more than the backbone's "
                            f"vocabulary of {backbone.args.vocab_size}")

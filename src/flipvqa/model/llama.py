@@ -61,6 +61,7 @@ SHAPES: dict[str, ModelArgs] = {
     "llama-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3,
                            multiple_of=4096),
     "bench-512": ModelArgs(dim=512, n_layers=8, n_heads=8),
+    "bench-128": ModelArgs(dim=128, n_layers=2, n_heads=2),  # benchmarks/gpu.sh --dry-run
 }
 
 

@@ -81,3 +81,23 @@ def test_flop_count_matches_a_hand_count():
     matmul_weights = 2 * (4 * 8 * 8 + 3 * 8 * 16)  # per layer: wq wk wv wo, w1 w2 w3
     forward = 2 * matmul_weights * 5 + 2 * 2 * 2 * 8 * 15 + 2 * 8 * 16 * 2
     assert train_flops(model, batch, ("vqa",)) == 2 * forward == 28544
+
+
+def test_repeat_takes_each_rate_at_its_best_round(monkeypatch):
+    """--compare --repeat 2: rates are the best of each mode's rounds, and both rounds are listed."""
+    runs = iter([{"train_samples_per_s": 2.0, "eval_questions_per_s": 10.0, "tokens_per_s": 1.0,
+                  "model_tflops_per_s": 0.1, "peak_memory_mb": 5.0},   # fast, round 1
+                 {"train_samples_per_s": 1.0, "eval_questions_per_s": 1.0, "tokens_per_s": 1.0,
+                  "model_tflops_per_s": 0.1, "peak_memory_mb": 10.0},  # naive, round 1
+                 {"train_samples_per_s": 3.0, "eval_questions_per_s": 8.0, "tokens_per_s": 1.0,
+                  "model_tflops_per_s": 0.2, "peak_memory_mb": 6.0},   # fast, round 2
+                 {"train_samples_per_s": 1.5, "eval_questions_per_s": 0.5, "tokens_per_s": 1.0,
+                  "model_tflops_per_s": 0.1, "peak_memory_mb": 10.0}])  # naive, round 2
+    monkeypatch.setattr(bench, "_child", lambda argv, mode: next(runs))
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    result = bench.compare(parser.parse_args([*FLAGS, "--compare", "--repeat", "2"]))
+    assert result["fast"]["train_samples_per_s"] == 3.0 and result["fast"]["eval_questions_per_s"] == 10.0
+    assert result["train_speedup"] == 2.0 and result["eval_speedup"] == 10.0
+    assert result["memory_ratio"] == 0.5  # the first round's memory
+    assert [r["fast"]["train_samples_per_s"] for r in result["rounds"]] == [2.0, 3.0]

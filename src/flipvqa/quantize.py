@@ -1,7 +1,7 @@
 """``--quantize int8|nf4``: the frozen backbone's block linears stored quantized (torchao).
 
 Only the seven linear layers of each transformer block (``wq wk wv wo`` and ``w1 w2 w3``: all but
-about 2% of a LLaMA's weights) are quantized. The embedding, the norms, the output layer and every
+about 4% of LLaMA-7B's weights) are quantized. The embedding, the norms, the output layer and every
 trainable Flipped-VQA part keep their dtype, and the losses are computed as without quantization:
 a quantized linear dequantizes its weight for each matmul, so gradients still reach its input
 (the adapters sit before and around these layers). Checkpoints hold the trainable weights only,

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from ..config import PRESETS
 from ..model.flipped import FlipConfig
 from ..model.llama import SHAPES, ModelArgs
+from ..quantize import NF4_BLOCK, NF4_SCALER_BLOCK
 
 BF16, F32 = 2, 4
 GIB = 2 ** 30
@@ -63,7 +64,6 @@ CUDA_CONTEXT_BYTES = GIB // 2  # CUDA context + cuBLAS/cuDNN workspaces: about 0
 CARDS_GB = (24, 40, 80)  # nominal card sizes; taken as GiB (A100 40/80 GB hold 40/80 GiB, H100 79.6)
 FIT_MARGIN = 0.10  # a card must keep this fraction free: fragmentation and what is not counted
 MODES = ("ddp", "fsdp", "int8", "nf4")
-NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256  # torchao's NF4Tensor defaults
 FSDP_UNSHARDED_BLOCKS = 2  # the block being computed and the one prefetched
 TASKS = ("vqa", "vaq", "qav")
 ADAPTER_LEN = FlipConfig.adapter_len  # the presets keep the default (10 prompt rows per layer)

@@ -100,17 +100,20 @@ def option_scores(model: "FlippedVQA", tb: TaskBatch, prefix_h: Tensor, start: i
     in_prefix = (pos >= label_start[..., None] - 1) & (pos < split[:, None, None])  # (n_q, n_opt, T)
     needed = in_prefix.any(dim=1)  # (n_q, T)
     qs, ts = needed.nonzero(as_tuple=True)
-    log_probs = F.log_softmax(model.backbone.output(model.backbone.norm(prefix_h[qs, ts])).float(), dim=-1)
     row_of = torch.full(needed.shape, -1, dtype=torch.long, device=device)
     row_of[qs, ts] = torch.arange(qs.shape[0], device=device)
     qi, oi, ti = in_prefix.nonzero(as_tuple=True)
-    prefix_losses = -log_probs[row_of[qi, ti], ids[qi, oi, pos[ti] + 1]]
     # Targets predicted from the suffixes.
-    pos = split[:, None, None] + torch.arange(suffix_h.shape[2], device=device)
-    in_suffix = (pos >= label_start[..., None] - 1) & (pos < lengths[..., None] - 1)
+    pos_s = split[:, None, None] + torch.arange(suffix_h.shape[2], device=device)
+    in_suffix = (pos_s >= label_start[..., None] - 1) & (pos_s < lengths[..., None] - 1)
     qj, oj, tj = in_suffix.nonzero(as_tuple=True)
-    logits = model.backbone.output(model.backbone.norm(suffix_h[qj, oj, tj])).float()
-    suffix_losses = F.cross_entropy(logits, tokens[qj, oj, tj + 1], reduction="none")
+    # One vocabulary projection for both: with few rows it costs about one read of the output
+    # weight, so two calls would cost two.
+    hidden = torch.cat([prefix_h[qs, ts], suffix_h[qj, oj, tj]])
+    log_probs = F.log_softmax(model.backbone.output(model.backbone.norm(hidden)).float(), dim=-1)
+    prefix_losses = -log_probs[row_of[qi, ti], ids[qi, oi, pos[ti] + 1]]
+    suffix_rows = qs.shape[0] + torch.arange(qj.shape[0], device=device)
+    suffix_losses = -log_probs[suffix_rows, tokens[qj, oj, tj + 1]]
     losses = torch.cat([prefix_losses, suffix_losses])
     rows = torch.cat([qi * n_opt + oi, qj * n_opt + oj])
     return mean_per_row(losses, rows, n_q * n_opt).view(n_q, n_opt)

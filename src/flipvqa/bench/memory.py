@@ -26,9 +26,8 @@ A rough but honest estimate, in bytes, of what one GPU holds at its peak::
                  or for QAV (mask without gradient: the fused kernel)
                    n L (2 H + 2 KV) hd * 2 + n H L * 4   q, k, v, output, log-sum-exp
                  times the layers; --grad_checkpointing keeps instead, per layer, the block inputs
-                 (n L d * 2 per set) and the (1, H, L, L) float32 mask that each adapted layer's
-                 gate2 makes for VQA and VAQ (the checkpoint holds its arguments), and recomputes one
-                 block at a time. Both add one block's set (the largest) as the working set of the
+                 (n L d * 2 per set; each layer's mask is made inside its checkpoint, so it is not
+                 kept), and recomputes one block at a time. Both add one block's set (the largest) as the working set of the
                  block being computed or differentiated.
                  evaluation: no autograd; the prefix's keys/values in every layer
                  (2 n_layers n L KV hd * 2) plus one layer's working set (its input and output,
@@ -155,11 +154,8 @@ def saved_activations(shape: ModelArgs, batch_size: int, seq_len: int, grad_chec
                       tasks: tuple[str, ...] = TASKS, adapter_len: int = ADAPTER_LEN) -> int:
     """What autograd holds after a training forward, summed over the layers (no working set)."""
     layers = shape.n_layers
-    biased = sum(task != "qav" for task in tasks)  # VQA and VAQ: the mask carries gate2's gradient
-    if grad_checkpointing:
-        inputs = len(tasks) * batch_size * seq_len * shape.dim * BF16
-        masks = biased * shape.n_heads * seq_len * seq_len * F32
-        return layers * (inputs + masks)
+    if grad_checkpointing:  # the block inputs; masks are made inside the checkpoints
+        return layers * len(tasks) * batch_size * seq_len * shape.dim * BF16
     per_layer = sum(block_saved(shape, batch_size, seq_len, task != "qav", adapter_len) for task in tasks)
     return layers * per_layer
 

@@ -221,19 +221,23 @@ class FlippedVQA(nn.Module):
                 if self.cfg.skip_unadapted_layers:
                     kvs.append(None)
                     continue
-                mask = None if layer_past is None else mask_for(torch.zeros_like(self.layers[j]["attention"].gate2))
-                h, kv = self._call(layer, h, rope, mask, None, None, layer_past, 0)
+                bias = None if layer_past is None else torch.zeros_like(self.layers[j]["attention"].gate2)
+                h, kv = self._call(layer, h, rope, mask_for, bias, None, None, layer_past, 0)
             else:
                 gates = self.layers[j]["attention"]
-                h, kv = self._call(layer, h, rope, mask_for(gates.gate2), prompts[j - first_adapted],
+                h, kv = self._call(layer, h, rope, mask_for, gates.gate2, prompts[j - first_adapted],
                                    gates.gate1.tanh(), layer_past, out_from if j == n_layers - 1 else 0)
             kvs.append(kv if keep_kv else None)
         return h, kvs
 
-    def _call(self, layer, h, rope, mask, prompt, gate, past, out_from):
+    def _call(self, layer, h, rope, mask_for, bias, prompt, gate, past, out_from):
+        """One layer; its mask is ``mask_for(bias)`` (None without a bias: causal). Under
+        --grad_checkpointing the mask is made inside the checkpoint: as an argument, each layer's
+        (1, heads, L, L) float32 mask would stay alive until the backward pass."""
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(layer, h, rope, mask, prompt, gate, past, out_from, use_reentrant=False)
-        return layer(h, rope, mask, prompt, gate, past, out_from)
+            return checkpoint(_masked_layer, layer, h, rope, mask_for, bias, prompt, gate, past, out_from,
+                              use_reentrant=False)
+        return _masked_layer(layer, h, rope, mask_for, bias, prompt, gate, past, out_from)
 
     # ---------------------------------------------------------------- objectives
     def _token_targets(self, tb: TaskBatch) -> tuple[Tensor, Tensor, Tensor]:
@@ -303,3 +307,8 @@ class FlippedVQA(nn.Module):
         prefix, prefix_h, start, past = scoring.run_prefix(self, tb, frames, split, n_q, n_opt)
         tokens, suffix_h = scoring.run_suffixes(self, tb, prefix, past, split, n_q, n_opt)
         return scoring.option_scores(self, tb, prefix_h, start, tokens, suffix_h, split, n_q, n_opt)
+
+
+def _masked_layer(layer, h, rope, mask_for, bias, prompt, gate, past, out_from):
+    mask = None if bias is None else mask_for(bias)
+    return layer(h, rope, mask, prompt, gate, past, out_from)

@@ -9,9 +9,9 @@ The checks, in order:
   option scores must match what the authors' code computed (1e-4) and the predictions be equal.
 * ``bf16``: the benchmark model (bench-512, random weights) scored in float32, then with its
   backbone in bf16 under autocast: predictions agree on >= 95% of 64 questions, scores within 0.15.
-* ``bench``: ``flipvqa bench --compare`` on the LLaMA-7B shape in bf16 (a dry run: float32) (NExT-QA prompts, batch 8,
-  128 tokens, the three objectives): training samples/s, evaluation questions/s, MFU and peak
-  memory, fast and naive mode; once plain and once with ``--compile``.
+* ``bench``: ``flipvqa bench --compare`` on the LLaMA-7B shape in bf16 (a dry run: float32), with
+  NExT-QA prompts, batch 8, 128 tokens and the three objectives: training samples/s, evaluation
+  questions/s, MFU and peak memory, fast and naive mode; once plain and once with ``--compile``.
 * ``quantize``: peak memory and weight bytes of ``flipvqa bench`` on the 7B and 13B shapes with the
   backbone in bf16, ``--quantize int8`` and ``--quantize nf4``.
 
@@ -36,7 +36,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]  # a checkout, installed
 
 import torch  # noqa: E402
 
-from reference import CASES, REF, case_dir, case_flags, expected  # noqa: E402
+from reference import CASES, REF, case_dir, case_flags, expected_val  # noqa: E402
 
 TOKENIZER = str(REF / "llama" / "tokenizer.model")
 # What each check runs on a GPU and in a dry run.
@@ -46,6 +46,7 @@ PLANS = {
     "dry-run": dict(device="cpu", dtype="fp32", bf16_model="bench-128", bench_model="bench-128", compile=False,
                     quantized=("bench-128",), steps=1, warmup=1, quant_steps=1, synthetic=16),
 }
+QUANTIZE_FIGURES = ("backbone_weights_mb", "peak_memory_mb", "train_samples_per_s", "eval_questions_per_s")
 BENCH_FLAGS = ["--tokenizer_path", TOKENIZER, "--vaq", "--qav", "--batch_size", "8", "--max_seq_len", "128"]
 
 
@@ -88,8 +89,7 @@ def check_reference(plan: dict) -> dict:
             if status != 0:
                 return {"pass": False, "error": f"flipvqa eval failed on the {case} case"}
             got = [json.loads(line) for line in open(Path(out) / "predictions_val.jsonl")]
-        want = {i: (s, p) for b in expected(case)["val"]["batches"]
-                for i, s, p in zip(b["index"], b["scores"], b["prediction"])}
+        want = expected_val(case)
         diffs[case] = max(abs(a - b) for row in got for a, b in zip(row["scores"], want[row["index"]][0]))
         same &= len(got) == len(want) and all(row["prediction"] == want[row["index"]][1] for row in got)
     return {"pass": same and max(diffs.values()) < 1e-4, "max_abs_diff": diffs, "predictions_equal": same}
@@ -139,11 +139,9 @@ def check_quantize(plan: dict) -> dict:
         for mode in (None, "int8", "nf4"):
             flags = _bench_flags(plan, model, plan["quant_steps"], 1) + (["--quantize", mode] if mode else [])
             result = _bench(flags)
-            shapes[model][mode or plan["dtype"]] = {key: result[key] for key in
-                                             ("backbone_weights_mb", "peak_memory_mb", "train_samples_per_s",
-                                              "eval_questions_per_s")}
-    return {"dtype": plan["dtype"], "memory_note": "peak: CUDA max_memory_allocated (weights included); CPU: RSS above "
-                                            "the built model", **shapes}
+            shapes[model][mode or plan["dtype"]] = {key: result[key] for key in QUANTIZE_FIGURES}
+    note = "peak: CUDA max_memory_allocated (weights included); CPU: RSS above the built model"
+    return {"dtype": plan["dtype"], "memory_note": note, **shapes}
 
 
 CHECKS = {"reference": check_reference, "bf16": check_bf16, "bench": check_bench, "quantize": check_quantize}
@@ -151,8 +149,8 @@ CHECKS = {"reference": check_reference, "bf16": check_bf16, "bench": check_bench
 
 # ---------------------------------------------------------------------------- running flipvqa bench
 def _bench_flags(plan: dict, model: str, steps: int, warmup: int) -> list[str]:
-    return ["--model", model, "--device", plan["device"], "--dtype", plan["dtype"], *BENCH_FLAGS, "--steps", str(steps),
-            "--warmup", str(warmup), "--synthetic", str(plan["synthetic"])]
+    return ["--model", model, "--device", plan["device"], "--dtype", plan["dtype"], *BENCH_FLAGS,
+            "--steps", str(steps), "--warmup", str(warmup), "--synthetic", str(plan["synthetic"])]
 
 
 def _bench(flags: list[str]) -> dict:

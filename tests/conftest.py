@@ -8,7 +8,7 @@ import torch
 
 torch.set_num_threads(2)
 
-from reference import CASES, REF, case_dir, case_flags, expected  # noqa: F401 (re-exported)
+from reference import CASES, REF, case_dir, case_flags, expected, expected_val  # noqa: F401 (re-exported)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,12 @@ def expected(name: str) -> dict:
     return json.loads((case_dir(name) / "expected.json").read_text())
 
 
+def expected_val(name: str) -> dict[int, tuple[list[float], int]]:
+    """The reference's (option scores, prediction) of each val question, by its index."""
+    return {i: (s, p) for b in expected(name)["val"]["batches"]
+            for i, s, p in zip(b["index"], b["scores"], b["prediction"])}
+
+
 def case_flags(name: str, **overrides) -> list[str]:
     """The CLI flags the reference ran the case with (names as in the authors' train.py)."""
     case = json.loads((case_dir(name) / "case.json").read_text())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REF, case_dir, case_flags, expected
+from conftest import REF, case_dir, case_flags, expected, expected_val
 
 CHECKPOINT = case_dir("nextqa") / "checkpoint.pth"
 
@@ -159,7 +159,7 @@ def test_eval_takes_model_options_from_the_checkpoint(tmp_path):
     run = flipvqa(*base, "--output_dir", tmp_path / "out")  # no --model, --adapter_layer, ...
     assert run.returncode == 0, run.stderr
     rows = [json.loads(line) for line in open(tmp_path / "out" / "predictions_val.jsonl")]
-    want = {i: s for b in expected("nextqa")["val"]["batches"] for i, s in zip(b["index"], b["scores"])}
+    want = {i: scores for i, (scores, _) in expected_val("nextqa").items()}
     for r in rows:
         assert r["scores"] == pytest.approx(want[r["index"]], abs=1e-4)
     line = one_line_error(flipvqa(*base, "--output_dir", tmp_path / "out2", "--adapter_len", "5"))

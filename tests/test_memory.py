@@ -75,20 +75,14 @@ def test_quantized_bytes_per_parameter():
     assert nf4 / 4096 ** 2 == pytest.approx(0.5 + 1 / 64 + 2 / (64 * 256), abs=1e-5)  # double-quantized scales
 
 
-def test_quantized_bytes_match_what_torchao_stores():
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_quantized_bytes_match_what_flipvqa_quantize_stores(mode):
+    """The count is what a bf16 weight takes once flipvqa.quantize (torchao) has quantized it."""
     pytest.importorskip("torchao")
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_, to_nf4
+    from flipvqa import quantize
 
-    def nbytes(t) -> int:  # a tensor subclass is the sum of its inner tensors
-        if hasattr(t, "__tensor_flatten__"):
-            return sum(nbytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
-        return t.numel() * t.element_size()
-
-    linear = torch.nn.Sequential(torch.nn.Linear(2048, 512, bias=False)).to(torch.bfloat16)
-    quantize_(linear, Int8WeightOnlyConfig())
-    assert nbytes(linear[0].weight) == memory.quantized_linear_bytes(512, 2048, "int8")
-    weight = torch.randn(512, 2048, dtype=torch.bfloat16)
-    assert nbytes(to_nf4(weight)) == memory.quantized_linear_bytes(512, 2048, "nf4")
+    layer = quantize._quantizer(mode)(torch.randn(512, 2048, dtype=torch.bfloat16), "w")
+    assert quantize.weight_bytes(layer) == memory.quantized_linear_bytes(512, 2048, mode)
 
 
 def test_activations_scale_with_batch_and_length():

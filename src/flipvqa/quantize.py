@@ -108,8 +108,9 @@ def _quantizer(mode: str) -> Callable[[Tensor, str], FrozenQuantizedLinear]:
 
 
 def _import_torchao():
-    """torchao's ``quantize_``, ``Int8WeightOnlyConfig`` and ``to_nf4``, or one line saying which extra to install. Its import logs that optional CUDA
-    kernels are absent (they are for other formats); that is kept out of the run's log."""
+    """torchao's ``quantize_``, ``Int8WeightOnlyConfig`` and ``to_nf4``, or one line saying which
+    extra to install. Its import logs that optional CUDA kernels are absent (they are for other
+    formats); that is kept out of the run's log."""
     quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
     levels = [logger.level for logger in quiet]
     for logger in quiet:

@@ -27,8 +27,8 @@ A rough but honest estimate, in bytes, of what one GPU holds at its peak::
                    n L (2 H + 2 KV) hd * 2 + n H L * 4   q, k, v, output, log-sum-exp
                  times the layers; --grad_checkpointing keeps instead, per layer, the block inputs
                  (n L d * 2 per set; each layer's mask is made inside its checkpoint, so it is not
-                 kept), and recomputes one block at a time. Both add one block's set (the largest) as the working set of the
-                 block being computed or differentiated.
+                 kept), and recomputes one block at a time. Both add one block's set (the largest)
+                 as the working set of the block being computed or differentiated.
                  evaluation: no autograd; the prefix's keys/values in every layer
                  (2 n_layers n L KV hd * 2) plus one layer's working set (its input and output,
                  a float32 norm input, q, the FFN's three outputs, the float32 mask and its bf16 copy)

@@ -168,7 +168,8 @@ def test_eval_takes_model_options_from_the_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------------------- ask's text output
 def test_ask_text_output_is_aligned_and_explained():
-    from flipvqa.ask import Answer, format_answer
+    from flipvqa.ask import Answer
+    from flipvqa.ask_command import format_answer
 
     answer = Answer("a much longer choice", 1, [("a much longer choice", 0.7, 1.2), ("b", 0.3, 2.05)])
     lines = format_answer(answer).splitlines()

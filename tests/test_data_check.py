@@ -157,11 +157,11 @@ def test_readable_report(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stdout.splitlines()
     header = next(k for k, line in enumerate(lines) if line.startswith("split"))
-    assert lines[header].split() == ["split", "questions", "videos", "no", "features", "truncated", "tokens",
-                                     "p50", "p95", "max", "options"]
+    assert lines[header].split() == ["split", "questions", "open-ended", "videos", "no", "features", "truncated",
+                                     "tokens", "p50", "p95", "max", "options"]
     train, val = lines[header + 1], lines[header + 2]
-    assert train.split()[:5] == ["train", "6", "6", "1", "2"] and train.endswith("2:1 3:1 4:4")
-    assert val.split()[:5] == ["val", "3", "3", "0", "0"] and val.endswith("4:2 5:1")
+    assert train.split()[:6] == ["train", "6", "0", "6", "1", "2"] and train.endswith("2:1 3:1 4:4")
+    assert val.split()[:6] == ["val", "3", "0", "3", "0", "0"] and val.endswith("4:2 5:1")
     end = lines[header].index("truncated") + len("truncated")  # numbers right-aligned under their names
     assert train[end - 1] == "2" and val[end - 1] == "0" and train[end] == val[end] == " "
     assert lines[header].index("options") == train.index("2:1") == val.index("4:2")

@@ -2,16 +2,20 @@
 
 The demo server (no --resume: the bundled demo model and examples) is started once for the module;
 a second one with a tiny random CLIP answers uploads. Answers are checked against
-``python -m flipvqa ask --json`` for the same input.
+``python -m flipvqa ask --json`` for the same input, answers in words also against
+:meth:`flipvqa.ask.Answerer.generate` alone. The disconnect test runs the app in this process,
+on a model whose answers never end by themselves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,6 +57,20 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def examples(server):
     return httpx.get(server.url + "/api/examples").json()
+
+
+@pytest.fixture(scope="module")
+def answerer():
+    from flipvqa.ask import Answerer
+
+    return Answerer(CHECKPOINT, llama_model_path=str(ASSETS), model="demo-llama", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def features():
+    import torch
+
+    return torch.load(FEATURES, weights_only=True)
 
 
 def questions(examples: list[dict]) -> list[dict]:
@@ -107,6 +125,9 @@ def test_health_and_examples(server, examples):
     health = httpx.get(server.url + "/api/health").json()
     assert health["status"] == "ok" and health["model"] == "demo-llama"
     assert Path(health["checkpoint"]) == CHECKPOINT.resolve() and health["uploads"] is False
+    generation = health["generation"]  # flipvqa ask's defaults, and the streams' counter
+    assert (generation["max_new_tokens"], generation["temperature"], generation["top_p"]) == (32, 0.0, 1.0)
+    assert generation["cancelled"] >= 0 and "batches" in generation
     bundled = json.loads((ASSETS / "examples.json").read_text())
     assert [e["id"] for e in examples] == [e["id"] for e in bundled]
     for example, entry in zip(examples, bundled):
@@ -166,7 +187,21 @@ BAD_JSON = [
     ({"example": "{first}", "question": ""}, 400, "empty"),
     ({"example": "{first}", "question": ["why"]}, 400, "string"),
     ({"example": "{first}", "choice": ["a", "b"]}, 400, "unknown field"),
-    ({"example": "{first}", "question": "why " * 300}, 400, "max_seq_len"),  # no answer token would fit
+    ({"example": "{first}", "question": "why " * 300, "choices": ["a", "b"]}, 400, "max_seq_len"),  # no answer fits
+    ({"example": "{first}", "question": "why " * 300}, 400, "max_seq_len"),  # in words: no room for the prompt
+    ({"example": "{first}", "question": "  "}, 400, "empty"),
+    ({"example": "{first}", "question": "why?", "max_new_tokens": 0}, 400, "max_new_tokens"),
+    ({"example": "{first}", "question": "why?", "max_new_tokens": 33}, 400, "1 to 32"),  # the server's limit
+    ({"example": "{first}", "question": "why?", "max_new_tokens": "5"}, 400, "integer"),
+    ({"example": "{first}", "question": "why?", "max_new_tokens": 2.5}, 400, "integer"),
+    ({"example": "{first}", "question": "why?", "max_new_tokens": True}, 400, "integer"),
+    ({"example": "{first}", "question": "why?", "temperature": -0.5}, 400, "temperature"),
+    ({"example": "{first}", "question": "why?", "temperature": "hot"}, 400, "number"),
+    ({"example": "{first}", "question": "why?", "top_p": 0}, 400, "top_p"),
+    ({"example": "{first}", "question": "why?", "top_p": 1.5}, 400, "top_p"),
+    ({"example": "{first}", "question": "why?", "seed": -1}, 400, "seed"),
+    ({"example": "{first}", "max_new_tokens": 5}, 400, "leave out the choices"),  # its own choices: ranked
+    ({"example": "{first}", "question": "why?", "choices": ["a", "b"], "temperature": 1}, 400, "choices"),
     ([{"example": "{first}"}], 400, "JSON object"),
     ("an example", 400, "JSON object"),
 ]
@@ -184,8 +219,9 @@ def test_bad_requests_get_one_line_errors(server, examples):
     first = examples[0]["id"]
     for body, status, words in BAD_JSON:
         text = json.dumps(body).replace("{first}", first)
-        response = httpx.post(server.url + "/api/ask", content=text, headers={"Content-Type": "application/json"})
-        assert_one_line_error(response, status, words)
+        for route in ("/api/ask", "/api/ask/stream"):  # the stream refuses before it starts
+            response = httpx.post(server.url + route, content=text, headers={"Content-Type": "application/json"})
+            assert_one_line_error(response, status, words)
     for raw, words in [(b"example=1", "not JSON"), (b"{\"example\": ", "not JSON"), (b"", "empty"),
                        (b"\xff\xfe{", "not JSON")]:
         assert_one_line_error(httpx.post(server.url + "/api/ask", content=raw), 400, words)
@@ -204,7 +240,7 @@ def test_bad_requests_get_one_line_errors(server, examples):
 def test_page_is_self_contained(server):
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    for name in ("app.js", "style.css"):
+    for name in ("app.js", "words.js", "style.css"):
         asset = httpx.get(f"{server.url}/static/{name}")
         assert asset.status_code == 200 and name in page.text
         assert "http://" not in asset.text and "https://" not in asset.text and "@import" not in asset.text
@@ -261,14 +297,11 @@ def test_batch_queue_scores_what_waits_together_and_isolates_failures():
     assert not queue.alive
 
 
-def test_ask_many_equals_ask():
+def test_ask_many_equals_ask(answerer, features):
     """One batch over questions with different numbers of choices gives each one's own numbers."""
-    import torch
+    from flipvqa.ask import Question
 
-    from flipvqa.ask import Answerer, Question
-
-    answerer = Answerer(CHECKPOINT, llama_model_path=str(ASSETS), model="demo-llama", device="cpu")
-    feats = torch.load(FEATURES, weights_only=True)
+    feats = features
     examples = json.loads((ASSETS / "examples.json").read_text())
     asked = [Question(feats[e["video"]].float(), e["question"], e["choices"][:2 + k % 4])
              for k, e in enumerate(examples)]
@@ -280,6 +313,184 @@ def test_ask_many_equals_ask():
             assert c1 == c2 and p1 == pytest.approx(p2, abs=1e-5) and s1 == pytest.approx(s2, abs=1e-5)
         assert many.frame_attention == pytest.approx(one.frame_attention, abs=1e-5)
     assert answerer.ask_many([]) == []
+
+
+# ---------------------------------------------------------------------- answers in words
+
+
+def stream_events(url: str, body, timeout: float = 60, **kwargs) -> list[tuple[str, dict]]:
+    """The (event, data) pairs of POST /api/ask/stream."""
+    events, event = [], None
+    with httpx.stream("POST", url + "/api/ask/stream", json=body, timeout=timeout, **kwargs) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                event = line[len("event: "):]
+            elif line.startswith("data: "):
+                events.append((event, json.loads(line[len("data: "):])))
+    return events
+
+
+def alone(answerer, features, by_id: dict, body: dict) -> dict:
+    """What Answerer.generate answers for the request alone."""
+    settings = {k: body[k] for k in ("max_new_tokens", "temperature", "top_p", "seed") if k in body}
+    video = features[by_id[body["example"]]["video"]].float()
+    return answerer.generate(video, body["question"], **settings).to_dict()
+
+
+def assert_same_words(got: dict, want: dict) -> None:
+    assert got["answer"] == want["answer"] and got["cut"] == want["cut"] and got["n_frames"] == want["n_frames"]
+    assert [t["token"] for t in got["tokens"]] == [t["token"] for t in want["tokens"]]
+    assert [t["probability"] for t in got["tokens"]] == pytest.approx([t["probability"] for t in want["tokens"]],
+                                                                      abs=1e-5)
+
+
+def free_questions(examples: list[dict]) -> list[dict]:
+    """Free questions over several examples: greedy with the default and smaller limits, and sampled."""
+    asked = ["what happens first?", "why does the person do it?", "what is in the video?", "how does it end?"]
+    out = [{"example": e["id"], "question": asked[k % len(asked)]} for k, e in enumerate(examples)]
+    out += [{"example": examples[0]["id"], "question": "what happens first?", "max_new_tokens": 1},
+            {"example": examples[1]["id"], "question": examples[1]["question"], "max_new_tokens": 7},
+            {"example": examples[2]["id"], "question": "what is in the video?", "temperature": 0.8, "seed": 5},
+            {"example": examples[3]["id"], "question": "how does it end?", "temperature": 1.5, "top_p": 0.9,
+             "seed": 11, "max_new_tokens": 10}]
+    return out
+
+
+def test_free_questions_equal_the_library_streamed_and_batched(server, examples, answerer, features, capsys):
+    by_id = {e["id"]: e for e in examples}
+    requests = free_questions(examples)
+    want = [alone(answerer, features, by_id, r) for r in requests]
+    # flipvqa ask without --choices: the same answer as the server's defaults give
+    example = by_id[requests[0]["example"]]
+    capsys.readouterr()
+    assert main(["-q", "ask", *ASK[4:], example["video"], "--features", str(FEATURES), "--question",
+                 requests[0]["question"]]) == 0
+    assert_same_words(json.loads(capsys.readouterr().out.strip().splitlines()[-1]), want[0])
+
+    for request, expected in zip(requests, want):
+        response = post(server, request)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert_same_words(answer, expected)
+        assert answer["example"] == request["example"] and answer["question"] == request["question"]
+        assert answer["frames"] == by_id[request["example"]]["frames"] and "choice" not in answer
+        assert set(answer["timings"]) >= {"queue", "model", "total"}
+        assert answer["settings"]["max_new_tokens"] == request.get("max_new_tokens", 32)
+
+        events = stream_events(server.url, request)
+        kinds = [kind for kind, _ in events]
+        assert kinds == ["token"] * (len(events) - 1) + ["done"], kinds
+        done = events[-1][1]
+        assert_same_words(done, expected)
+        assert [data for _, data in events[:-1]] == done["tokens"]  # the stream is the answer's tokens
+        assert "".join(t["token"] for t in done["tokens"]).strip() == done["answer"]
+    assert want[len(examples)]["cut"] and len(want[len(examples)]["tokens"]) == 1
+
+    # a question with choices on the stream route: its answer as one event
+    events = stream_events(server.url, {"example": examples[0]["id"]})
+    assert [kind for kind, _ in events] == ["done"] and events[0][1]["choice"]
+
+    # 20 concurrent free questions, half streamed, released together: each gets its answer alone
+    burst = [i % len(requests) for i in range(20)]
+    for attempt in range(3):
+        before = httpx.get(server.url + "/api/health").json()["generation"]
+        gate = threading.Barrier(len(burst))
+
+        def one(k):
+            gate.wait()
+            request = requests[burst[k]]
+            if k % 2:
+                return stream_events(server.url, request)[-1][1]
+            response = post(server, request)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        with ThreadPoolExecutor(len(burst)) as pool:
+            answers = list(pool.map(one, range(len(burst))))
+        after = httpx.get(server.url + "/api/health").json()["generation"]
+        for i, answer in zip(burst, answers):
+            assert_same_words(answer, want[i])
+        assert after["questions"] - before["questions"] == len(burst)
+        assert after["failed_batches"] == before["failed_batches"]
+        if max(a["batch_size"] for a in answers) > 1:
+            break  # some were generated together
+    else:
+        pytest.fail(f"20 concurrent free questions were never generated together: {after}")
+    assert after["largest_batch"] > 1
+
+
+@contextlib.contextmanager
+def app_server(backend):
+    """The app on a free port, served by uvicorn in a thread of this process."""
+    import uvicorn
+
+    from flipvqa.serve.app import create_app
+    from flipvqa.serve.launch import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(backend), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(examples):
+    """A stream's client leaves after one token: its row leaves the batch (generation ends long before
+    its max_new_tokens), the cancelled count says so, the other streams and later requests go on."""
+    from flipvqa.ask import Answerer
+    from flipvqa.serve.backend import Backend, demo_examples
+    from flipvqa.serve.words import Settings
+
+    endless = Answerer(CHECKPOINT, llama_model_path=str(ASSETS), model="demo-llama", device="cpu")
+    endless.tokenizer.stop_ids = ()  # answers end at max_new_tokens only
+    generate_many, lengths = endless.generate_many, []
+
+    def slow_generate_many(requests, on_token=None, **kwargs):  # 5 ms a token: 5000 would take 25 s
+        def slow(row, text, probability):
+            time.sleep(0.005)
+            on_token(row, text, probability)
+
+        answers = generate_many(requests, on_token=slow, **kwargs)
+        lengths.append([len(a.tokens) for a in answers])
+        return answers
+
+    endless.generate_many = slow_generate_many
+    backend = Backend(endless, CHECKPOINT, demo_examples(ASSETS), settings=Settings(max_new_tokens=5000))
+    first = examples[0]["id"]
+    long = {"example": first, "question": "describe the video", "max_new_tokens": 5000}
+    with app_server(backend) as url, ThreadPoolExecutor(1) as pool:
+        other = pool.submit(stream_events, url, {"example": first, "question": "what happens?",
+                                                 "max_new_tokens": 60})
+        start = time.monotonic()
+        with httpx.stream("POST", url + "/api/ask/stream", json=long, timeout=30) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            assert next(lines) == "event: token" and next(lines).startswith("data: {")
+        # leaving the block closed the connection mid-stream
+        deadline = time.monotonic() + 20
+        while backend.words.stats()["cancelled"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert backend.words.stats()["cancelled"] == 1
+        done = other.result(timeout=30)[-1]
+        assert done[0] == "done" and len(done[1]["tokens"]) == 60 and done[1]["cut"]
+        response = httpx.post(url + "/api/ask", json={"example": first, "question": "and then?", "max_new_tokens": 4},
+                              timeout=30)
+        assert response.status_code == 200, response.text
+        assert len(response.json()["tokens"]) == 4
+        assert time.monotonic() - start < 20  # far less than the 25 s the left stream would have taken
+        health = httpx.get(url + "/api/health").json()
+        assert health["status"] == "ok" and health["generation"]["cancelled"] == 1
+    assert all(n < 1000 for call in lengths for n in call), lengths  # no row ran on to 5000
 
 
 # ---------------------------------------------------------------------- uploads
@@ -294,15 +505,16 @@ def clip_server(tmp_path_factory, tiny_clip):
 
 
 def upload(server, video: bytes, question="what happens first?", choices=("a dog runs", "a cat sleeps", "rain"),
-           name="clip.mp4", subtitles: bytes | None = None) -> httpx.Response:
+           name="clip.mp4", subtitles: bytes | None = None, route="/api/ask", **fields) -> httpx.Response:
     files = [("video", (name, video, "video/mp4"))]
     if subtitles is not None:
         files.append(("subtitles", ("clip.srt", subtitles, "application/x-subrip")))
     data = {"choices": list(choices)} if question is None else {"question": question, "choices": list(choices)}
-    return httpx.post(server.url + "/api/ask", data=data, files=files, timeout=120)
+    data.update(fields)
+    return httpx.post(server.url + route, data=data, files=files, timeout=120)
 
 
-def test_upload_a_video(clip_server, tiny_clip, tmp_path):
+def test_upload_a_video(clip_server, tiny_clip, tmp_path, capsys):
     video = make_video(tmp_path / "clip.mp4", 50, noise=True)  # 2 s: 2 frames at 1 fps
     response = upload(clip_server, video.read_bytes())
     assert response.status_code == 200, response.text
@@ -320,6 +532,20 @@ def test_upload_a_video(clip_server, tiny_clip, tmp_path):
 
     srt = b"1\n00:00:00,000 --> 00:00:01,500\nA dog barks.\n\n2\n00:00:01,500 --> 00:00:02,000\nIt runs.\n"
     assert upload(clip_server, video.read_bytes(), subtitles=srt).status_code == 200
+
+    # no choices: an answer in words, as flipvqa ask without --choices gives it; streamed too
+    words = upload(clip_server, video.read_bytes(), choices=(), max_new_tokens="6")
+    assert words.status_code == 200, words.text
+    capsys.readouterr()
+    assert main(["-q", "ask", *ASK[4:], str(video), "--clip_model", str(tiny_clip), "--question",
+                 "what happens first?", "--max_new_tokens", "6"]) == 0
+    assert_same_words(words.json(), json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert len(words.json()["thumbnails"]) == len(thumbs) and "choices" not in words.json()
+    streamed = upload(clip_server, video.read_bytes(), choices=(), subtitles=srt, route="/api/ask/stream")
+    assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+    assert streamed.text.rstrip().split("\n\n")[-1].startswith("event: done\ndata: {")
+    assert_one_line_error(upload(clip_server, video.read_bytes(), choices=(), top_p="1.5"), 400, "top_p")
+    assert_one_line_error(upload(clip_server, video.read_bytes(), choices=(), seed="x"), 400, "seed")
 
     long_video = make_video(tmp_path / "long.mp4", 80, rate=10)  # 8 s > --max_seconds 5
     assert_one_line_error(upload(clip_server, long_video.read_bytes()), 413, "--max_seconds")
@@ -343,6 +569,7 @@ def test_the_page_in_headless_chromium(server, examples, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     first, second = examples[0], examples[2]
     want = {e["id"]: post(server, {"example": e["id"]}).json()["choice"] for e in (first, second)}
+    words = post(server, {"example": second["id"], "question": "what happens first?"}).json()
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
@@ -363,6 +590,17 @@ def test_the_page_in_headless_chromium(server, examples, tmp_path):
             page.wait_for_selector('#result[data-state="done"]', timeout=30_000)
             assert page.inner_text("#top-choice") == want[second["id"]]
             assert f"example={second['id']}" in page.url  # the link shares the result
+
+            # a free question: the answer grows as it streams, then stands with its tokens
+            page.click("#mode-words")
+            assert page.locator("#choices").is_hidden()
+            page.fill("#question", "what happens first?")
+            page.click("#ask")
+            page.wait_for_selector('#result[data-state="done"]', timeout=30_000)
+            said = page.text_content("#words-text")
+            assert said and said == words["answer"]
+            assert page.locator("#tokens .tok").count() == len(words["tokens"])
+            assert page.locator("#ranked-view").is_hidden() and "mode=words" in page.url
             shot = page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
             Path("/tmp/serve_page.png").write_bytes(shot)
             assert not errors, errors

@@ -21,9 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,7 +40,8 @@ from .devices import autocast, init_distributed
 from .errors import FlipVQAError
 from .model.flipped import FlippedVQA
 from .model.inputs import FEATURE_DIM, Batch
-from .prompts import LETTERS, encode_sample, normalize_question, prompt_text
+from .model.generate import Sampling, generate
+from .prompts import LETTERS, encode_sample, normalize_question, open_prompt_text, prompt_text
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +51,12 @@ OPTIONS = (*MODEL_OPTIONS, "dtype")
 
 
 class Question(NamedTuple):
-    """One question of :meth:`Answerer.ask_many` (a plain tuple in this order works as well)."""
+    """One question of :meth:`Answerer.ask_many` (a plain tuple in this order works as well);
+    with no ``choices``, a question for :meth:`Answerer.generate_many`."""
 
     video: str | Path | Tensor  # a video file or its features [frames, width]
     question: str
-    choices: Sequence[str]
+    choices: Sequence[str] = ()
     subtitles: Optional[str | Path] = None  # an .srt file
 
 
@@ -69,6 +72,24 @@ class Answer:
         return {"choice": self.choice, "index": self.index, "n_frames": self.n_frames,
                 "ranked": [{"choice": c, "probability": p, "score": s} for c, p, s in self.ranked],
                 "frame_attention": self.frame_attention}
+
+
+@dataclass
+class WordsAnswer:
+    """An answer in words: its text, its tokens (each token's text as it extends the answer) and
+    each one's probability; ``cut`` when --max_new_tokens ended it before the end token."""
+
+    answer: str
+    tokens: list[str]
+    probabilities: list[float]
+    cut: bool = False
+    n_frames: int = 0
+    timings: dict = field(default_factory=dict)  # seconds: "first_token", "generate"
+
+    def to_dict(self) -> dict:
+        return {"answer": self.answer, "tokens": [{"token": t, "probability": p}
+                                                  for t, p in zip(self.tokens, self.probabilities)],
+                "cut": self.cut, "n_frames": self.n_frames, "timings": self.timings}
 
 
 class Answerer:
@@ -162,10 +183,54 @@ class Answerer:
                 answer.frame_attention = weights
         return answers
 
-    def _item(self, request: Question) -> Item:
+    def generate(self, video: str | Path | Tensor, question: str, subtitles: Optional[str | Path] = None,
+                 **sampling) -> WordsAnswer:
+        """Answer ``question`` in words (greedy unless ``temperature`` > 0; see :meth:`generate_many`)."""
+        return self.generate_many([Question(video, question, (), subtitles)], **sampling)[0]
+
+    @torch.no_grad()
+    def generate_many(self, requests: Sequence[Question | tuple], max_new_tokens: int = 32,
+                      temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                      on_token: Optional[Callable[[int, str, float], None]] = None,
+                      cancelled: Optional[Callable[[], Iterable[int]]] = None) -> list[WordsAnswer]:
+        """Answer several questions in words in one batch, each as it would be alone.
+        ``on_token(request, text, probability)`` is called as each token is generated (streaming);
+        ``cancelled()`` names requests to end now (see :func:`flipvqa.model.generate.generate`)."""
+        check_sampling(max_new_tokens, temperature, top_p)
+        if not requests:
+            return []
+        items = [self._item(Question(*request), open_ended=True) for request in requests]
+        batch = collate(items).to(self.device).part("prompt")
+        sampling = Sampling(max_new_tokens, tuple(dict.fromkeys(self.tokenizer.stop_ids)), temperature, top_p, seed)
+        texts = [TokenTexts(self.tokenizer.decode) for _ in items]
+        started, first = time.perf_counter(), []
+
+        def token(row: int, tok: int, prob: float) -> None:
+            if not first:
+                first.append(time.perf_counter() - started)
+            piece = texts[row].add(tok)
+            if on_token is not None:
+                on_token(row, piece, prob)
+
+        with autocast(self.device, self.model.backbone.tok_embeddings.weight.dtype):
+            out = generate(self.model, batch.video, batch.tasks["prompt"], sampling, on_token=token,
+                           cancelled=cancelled)
+        timings = {"first_token": round(first[0], 6) if first else None,
+                   "generate": round(time.perf_counter() - started, 6)}
+        return [WordsAnswer(t.decode(t.ids).strip(), t.pieces, probs, not stopped, int(item.record.frames.shape[0]),
+                            dict(timings))
+                for t, probs, stopped, item in zip(texts, out.probs, out.stopped, items)]
+
+    def _item(self, request: Question, open_ended: bool = False) -> Item:
         """One question's model input (choices, features and subtitles checked)."""
         video, question, choices, subtitles = request
-        check_choices(choices)
+        if not isinstance(question, str) or not question.strip():
+            raise FlipVQAError("the question is empty")
+        if open_ended:
+            if choices:
+                raise FlipVQAError("a question answered in words takes no choices")
+        else:
+            check_choices(choices)
         features = video if torch.is_tensor(video) else self.video_features(video)[0]
         self.check_features(features)
         dialogue = ""
@@ -175,15 +240,19 @@ class Answerer:
                 raise FlipVQAError(f"{subtitles}: subtitle file not found")
         sub = bool(dialogue) or self.args.sub
         record = Record(index=0, vid=str(video) if not torch.is_tensor(video) else "features",
-                        question=normalize_question(question), options=list(choices), answer=0, dialogue=dialogue,
-                        frames=features)
-        text = prompt_text(record.question, record.options, dialogue)
-        seqs = encode_sample(self.tokenizer, text, 0, len(choices), self.args.max_feats, self.args.max_seq_len,
-                             sub, ("vqa",), all_options=True)
-        cut = next((s for s in seqs["vqa"] if not s.fits(self.args.max_feats, "vqa")), None)
-        if cut is not None:  # no answer token left to score
-            raise FlipVQAError(f"the question and choices take {cut.full_length} tokens, more than the model's "
-                               f"--max_seq_len {self.args.max_seq_len}: shorten them or give fewer choices")
+                        question=normalize_question(question), options=list(choices),
+                        answer=None if open_ended else 0, dialogue=dialogue, frames=features)
+        text = open_prompt_text(record.question, dialogue) if open_ended else \
+            prompt_text(record.question, record.options, dialogue)
+        seqs = encode_sample(self.tokenizer, text, "" if open_ended else 0, len(choices), self.args.max_feats,
+                             self.args.max_seq_len, sub, ("vqa",), all_options=True)
+        task = "prompt" if open_ended else "vqa"
+        cut = next((s for s in seqs[task] if not s.fits(self.args.max_feats, task)), None)
+        if cut is not None:  # no answer token left to score, or no room for the prompt
+            what = "question takes" if open_ended else "question and choices take"
+            raise FlipVQAError(f"the {what} {cut.full_length} tokens, more than the model's "
+                               f"--max_seq_len {self.args.max_seq_len}: shorten them"
+                               + ("" if open_ended else " or give fewer choices"))
         slots, video_len = frames_to_slots(features, self.args.max_feats)
         return Item(record, slots, video_len, seqs)
 
@@ -191,6 +260,30 @@ class Answerer:
 def check_choices(choices: Sequence[str]) -> None:
     if not 2 <= len(choices) <= len(LETTERS):
         raise FlipVQAError(f"--choices: give 2 to {len(LETTERS)} choices (got {len(choices)})")
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """The generation settings' bounds, as the command line checks them."""
+    resolve(argparse.Namespace(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p))
+
+
+class TokenTexts:
+    """Each generated token's text: what it adds to the decoded answer (a token alone may decode
+    differently, e.g. without its leading space). A token that ends inside a multi-byte character
+    adds "" and the character comes with the token that completes it."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode, self.ids, self.pieces, self.text = decode, [], [], ""
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):  # half a character so far: wait for the rest
+            text = text.rstrip("\ufffd")
+        piece = text[len(self.text):] if text.startswith(self.text) else ""
+        self.text = text if text.startswith(self.text) else self.text
+        self.pieces.append(piece)
+        return piece
 
 
 def frame_attention(model: FlippedVQA, batch: Batch, option: int) -> list[float]:
@@ -223,81 +316,3 @@ def frame_attentions(model: FlippedVQA, batch: Batch, options: Sequence[int]) ->
         vs = int(chosen.video_start[q])
         out.append(probs[q, :, start:end, vs:vs + model.cfg.max_feats].float().mean(dim=(0, 1)).cpu().tolist())
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("video", help="a video file (or, with --features, a video id in that file)")
-    parser.add_argument("--question", required=True)
-    parser.add_argument("--choices", nargs="+", required=True, help=f"2 to {len(LETTERS)} answer choices")
-    parser.add_argument("--subtitles", help="an .srt file (its dialogue is added to the prompt)")
-    parser.add_argument("--features", help="a clipvitl14.pth-style file to take the video's features from")
-    parser.add_argument("--clip_model", help="local folder (or hub id) of the frame encoder the checkpoint was "
-                                             "trained with, to read the video (CLIP ViT-L/14 for the released "
-                                             "features; SigLIP works too)")
-    parser.add_argument("--fps", type=float, default=1.0, help="frames per second to sample (default: 1; "
-                                                               "TVQA-style: 3)")
-    parser.add_argument("--explain", metavar="PNG", help="write a picture of frames, attention and choices")
-    parser.add_argument("--json", action="store_true", help="print the answer as one JSON object")
-    add_run_arguments(parser, "ask")
-
-
-def run(ns: argparse.Namespace) -> int:
-    # Everything that can be checked without the model first: loading a backbone takes minutes.
-    if not ns.resume:
-        raise FlipVQAError("pass the trained checkpoint with --resume")
-    if not Path(ns.resume).is_file():
-        raise FlipVQAError(f"{ns.resume}: checkpoint not found")
-    check_choices(ns.choices)
-    if ns.fps <= 0:
-        raise FlipVQAError(f"--fps must be positive (got {ns.fps})")
-    if ns.subtitles and not Path(ns.subtitles).is_file():
-        raise FlipVQAError(f"{ns.subtitles}: subtitle file not found")
-    video: Optional[Tensor] = None
-    if ns.features:
-        from .data.records import load_features
-
-        feats = load_features(Path(ns.features))
-        if ns.video not in feats:
-            raise FlipVQAError(f"{ns.features}: no video {ns.video!r} in it")
-        video = feats[ns.video].float()
-    elif not Path(ns.video).is_file():
-        raise FlipVQAError(f"{ns.video}: video file not found")
-    elif not ns.clip_model:
-        raise FlipVQAError("a CLIP model is needed to read a video: pass --clip_model (a local folder of "
-                           "openai/clip-vit-large-patch14) or precomputed --features")
-    options = {k: getattr(ns, k, None) for k in OPTIONS}
-    answerer = Answerer(ns.resume, clip_model=ns.clip_model, fps=ns.fps, device=ns.device, **options)
-    thumbnails: list = []
-    sources = slot_sources(int(video.shape[0]), answerer.args.max_feats) if video is not None else []
-    if video is None:
-        video, frames = answerer.video_features(ns.video)
-        sources = slot_sources(len(frames), answerer.args.max_feats)
-        thumbnails = [None if i is None else frames[i] for i in sources]
-    answer = answerer.ask(video, ns.question, ns.choices, ns.subtitles, explain=bool(ns.explain))
-    if ns.explain:
-        from .explain import draw_explanation
-
-        # frame i of the features sits at i / fps seconds (what extract-features samples)
-        times = [None if i is None else i / ns.fps for i in sources]
-        draw_explanation(Path(ns.explain), answer, normalize_question(ns.question), thumbnails,
-                         answerer.args.max_feats, slot_times=times,
-                         n_layers=answerer.model.backbone.args.n_layers)
-    if ns.json:
-        print(json.dumps(answer.to_dict()))
-        return 0
-    print(format_answer(answer))
-    if ns.explain:
-        print(f"explanation: {ns.explain}")
-    return 0
-
-
-def format_answer(answer: Answer) -> str:
-    """The ranked choices as an aligned table, and what its numbers are."""
-    width = max(len(c) for c, _, _ in answer.ranked)
-    lines = [f"{'rank':>4}  {'prob':>6}  {'choice':<{width}}  mean CE"]
-    for rank, (choice, prob, score) in enumerate(answer.ranked, 1):
-        lines.append(f"{rank:>4}  {prob * 100:5.1f}%  {choice:<{width}}  {score:.4f}")
-    lines.append("prob: softmax over the choices of minus each choice's mean cross-entropy of its answer "
-                 "tokens (mean CE; lower is better)")
-    lines.append(f"answer: {answer.choice}")
-    return "\n".join(lines)

@@ -60,6 +60,12 @@ def _eval(ns: argparse.Namespace) -> int:
         print(f"accuracy: {result['accuracy']:.4f} ({result['n']} questions)")
     for name, acc in result["per_type"].items():
         print(f"  {name:<12} {acc:.4f}")
+    oe = result.get("open_ended")
+    if oe and "exact_match" in oe:
+        wups = "" if oe["wups0"] is None else f", WUPS@0.0 {oe['wups0']:.4f}, WUPS@0.9 {oe['wups9']:.4f}"
+        print(f"open-ended ({oe['n']} questions): exact match {oe['exact_match']:.4f}, F1 {oe['f1']:.4f}{wups}")
+    if oe and oe["cut"]:
+        print(f"  {oe['cut']} answers cut by --max_new_tokens")
     if result["predictions"]:
         print(f"predictions: {result['predictions']}")
     return 0
@@ -71,7 +77,7 @@ PLUGINS = {
     "demo": ("flipvqa.demo", "train and evaluate a tiny Flipped-VQA model on synthetic videos, offline, on a CPU"),
     "bench": ("flipvqa.bench", "measure training and evaluation throughput (prints one JSON line)"),
     "extract-features": ("flipvqa.features.extract", "extract frame features (CLIP ViT-L/14, other CLIP or SigLIP towers) from video files"),
-    "ask": ("flipvqa.ask", "answer a multiple-choice question about a video file"),
+    "ask": ("flipvqa.ask_command", "answer a question about a video file: rank its choices, or answer in words"),
     "serve": ("flipvqa.serve", "a web page and a JSON API answering questions about videos (the demo model by default)"),
     "report": ("flipvqa.report", "write an HTML report of training runs (losses, accuracy, mistakes)"),
     "data": ("flipvqa.data.check", "check a dataset: every split, every line, the features"),

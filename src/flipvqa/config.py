@@ -74,7 +74,7 @@ class RunConfig:
     skip_nonfinite: int = _opt(0, "skip up to N batches whose loss is not finite (default: stop at the first)",
                                ("train",))
     tensorboard: bool = _opt(False, "also write TensorBoard event files under <output_dir>/tensorboard", ("train",))
-    seed: int = _opt(0, "random seed")
+    seed: int = _opt(0, "random seed (and of sampled answers)", RUNS + ("ask",))
     num_workers: int = _opt(2, "data loader workers", ("train", "eval"))
     device: Optional[str] = _opt(None, "cuda | cpu | cuda:N (default: cuda if available)", MODEL)
     dtype: Optional[str] = _opt(None, "frozen backbone dtype: bf16 | fp16 | fp32 (default: the checkpoint's on "
@@ -86,6 +86,13 @@ class RunConfig:
                       ("train", "eval"))
     quantize: Optional[str] = _opt(None, "store the frozen backbone's block linears quantized: int8 (weight-only; "
                                          "CPU and GPU) | nf4 (GPU); needs pip install 'flipvqa[quant]'", MODEL)
+    # open-ended questions (answers in words)
+    max_new_tokens: int = _opt(32, "most tokens generated for an open-ended answer",
+                               ("train", "eval", "ask", "bench"))
+    temperature: float = _opt(0.0, "sample open-ended answers at this temperature (0: greedy, the arg-max)",
+                              ("eval", "ask"))
+    top_p: float = _opt(1.0, "with --temperature: sample from the smallest set of tokens whose probability "
+                             "reaches this", ("eval", "ask"))
     compile: bool = _opt(False, "torch.compile the backbone's layers (GPU; first steps are slow while it compiles)")
     preset: Optional[str] = _opt(None, "fill in one of the paper's runs: nextqa | star | dramaqa | vlep | tvqa")
 
@@ -219,6 +226,12 @@ def resolve(ns: argparse.Namespace) -> argparse.Namespace:
         raise FlipVQAError("--resume auto continues a run and --overwrite starts over: choose one")
     if values["num_workers"] < 0:
         raise FlipVQAError(f"--num_workers must be >= 0 (got {values['num_workers']})")
+    if values["max_new_tokens"] < 1:
+        raise FlipVQAError(f"--max_new_tokens must be at least 1 (got {values['max_new_tokens']})")
+    if values["temperature"] < 0:
+        raise FlipVQAError(f"--temperature must be 0 (greedy) or more (got {values['temperature']})")
+    if not 0 < values["top_p"] <= 1:
+        raise FlipVQAError(f"--top_p must be in (0, 1] (got {values['top_p']})")
     if values["dtype"] is not None:
         values["dtype"] = parse_dtype(values["dtype"])
     if values["quantize"] is not None:

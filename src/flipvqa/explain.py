@@ -15,7 +15,7 @@ import math
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -25,8 +25,15 @@ from matplotlib.patches import Patch, Rectangle
 from .data.records import slot_sources
 from .io import write_atomic
 
-if TYPE_CHECKING:
-    from .ask import Answer
+
+class Answer(Protocol):
+    """What the picture shows of an answer: :class:`flipvqa.ask.Answer` (typed here so that the
+    dependencies point one way: the ask command imports this module, never the reverse)."""
+
+    choice: str
+    index: int
+    ranked: list[tuple[str, float, float]]
+    frame_attention: list[float]
 
 DPI = 100
 CHOSEN, OTHER = "#2e8b57", "#9dbcdc"  # the chosen answer's bar, the other choices'

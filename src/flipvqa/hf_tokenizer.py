@@ -49,6 +49,7 @@ class HFTokenizer:
             raise FlipVQAError(f"{self.path}: no EOS token (set eos_token in tokenizer_config.json "
                                f"beside it); the prompts end with EOS")
         self.eos_id: int = eos
+        self.stop_ids: tuple[int, ...] = (eos, *self._generation_stops())
         # Prefer the byte piece, as SentencePieceTokenizer does, so that tokenizer.model and a
         # converted tokenizer.json of the same model give the same id (13 for LLaMA).
         byte_newline = self.tok.token_to_id("<0x0A>")
@@ -59,6 +60,17 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def _generation_stops(self) -> tuple[int, ...]:
+        """Every id of ``generation_config.json``'s ``eos_token_id`` (chat models list several)."""
+        file = self.path.parent / "generation_config.json"
+        data = read_json(file) if file.is_file() else {}
+        ids = data.get("eos_token_id") if isinstance(data, dict) else None
+        ids = ids if isinstance(ids, list) else [ids]
+        return tuple(i for i in ids if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_words)
 
     def encode_with_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         # ``tokenizers`` reports offsets in characters of ``text`` (also for byte-level BPE, where

@@ -16,8 +16,11 @@ from .data.dataset import collate
 from .devices import Dist
 from .faults import crash_point
 from .io import progress
+from .errors import FlipVQAError
 from .model.flipped import FlippedVQA
-from .model.inputs import Batch
+from .model.generate import Sampling, generate
+from .model.inputs import Batch, TaskBatch
+from .openended import exact_match
 from .optim import lr_at
 
 LOSS_KEYS = ("loss", "vqa_loss", "vaq_loss", "qav_loss")
@@ -176,39 +179,108 @@ def _average_gradients(params: list[torch.Tensor], dist: Dist) -> None:
         p.grad /= dist.world_size
 
 
+@dataclass(frozen=True)
+class Answering:
+    """How open-ended questions are answered: the generation settings and the tokenizer's
+    ``decode``."""
+
+    sampling: Sampling
+    decode: Callable[[list[int]], str]
+
+
+def answering(args, tokenizer) -> Answering:
+    """The run's generation settings (--max_new_tokens, --temperature, --top_p, --seed)."""
+    sampling = Sampling(args.max_new_tokens, tuple(dict.fromkeys(tokenizer.stop_ids)),
+                        getattr(args, "temperature", 0.0), getattr(args, "top_p", 1.0), args.seed)
+    return Answering(sampling, tokenizer.decode)
+
+
 @torch.no_grad()
 def score_split(model: FlippedVQA, loader: DataLoader, device: torch.device, amp, dist: Dist,
                 desc: str = "eval", should_stop: Callable[[], bool] = lambda: False,
-                lockstep: bool = False) -> list[dict]:
-    """Per-option scores of every question of the loader, gathered on every rank and sorted by
+                lockstep: bool = False, answering: Optional[Answering] = None) -> list[dict]:
+    """One prediction row per question of the loader (multiple-choice: every option scored;
+    open-ended: the answer generated with ``answering``), gathered on every rank and sorted by
     the question's index (each question exactly once, also under torchrun).
 
     ``lockstep`` (a sharded backbone, whose every call is collective): a rank with fewer batches
-    than another scores a stand-in batch for each missing one and drops its scores."""
+    than another answers a stand-in batch for each missing one and drops its rows."""
     model.eval()
     rows = []
     missing = _batches_behind(len(loader), dist, device) if lockstep and dist.enabled else 0
     batch = None
     for batch in progress(loader, desc, enabled=dist.is_main):
-        with amp:
-            scores = model.score_options(batch.to(device)).float().cpu()
-        for rec, s in zip(batch.records, scores):
-            s = s[:len(rec.options)]  # a question with fewer options than the batch's most
-            rows.append({"index": rec.index, "qid": rec.qid, "vid": rec.vid, "answer": rec.answer,
-                         "prediction": int(s.argmin()), "scores": s.tolist(), "qtype": rec.qtype})
+        rows += answer_batch(model, batch.to(device), amp, answering, lockstep)
         crash_point("validation")
         if should_stop():
             raise Stop
     if missing:
         stand_in = batch if batch is not None else loader.collate_fn([loader.dataset.dataset[0]])
         for _ in range(missing):
-            with amp:
-                model.score_options(stand_in.to(device))
+            answer_batch(model, stand_in.to(device), amp, answering, lockstep)
     if dist.enabled:
         gathered = [None] * dist.world_size
         torch_dist.all_gather_object(gathered, rows)
         rows = [r for part in gathered for r in part]
     return sorted(rows, key=lambda r: r["index"])
+
+
+def answer_batch(model: FlippedVQA, batch: Batch, amp, answering: Optional[Answering],
+                 lockstep: bool = False) -> list[dict]:
+    """The prediction rows of one evaluation batch. Under ``lockstep`` every rank runs the
+    scoring and the generation when any rank has such questions (a rank without them runs a
+    stand-in and drops it)."""
+    has = {task: task in batch.tasks for task in ("vqa", "prompt")}
+    run = {task: not model.agree(not flag) for task, flag in has.items()} if lockstep else has
+    rows = []
+    if run["vqa"]:
+        part = batch.part("vqa") if has["vqa"] else _options_stand_in(batch)
+        with amp:
+            scores = model.score_options(part).float().cpu()
+        if has["vqa"]:
+            rows += [choice_row(rec, s) for rec, s in zip(part.records, scores)]
+    if run["prompt"]:
+        if answering is None:
+            raise FlipVQAError("open-ended questions need generation settings (loops.Answering)")
+        part = batch.part("prompt") if has["prompt"] else _prompt_stand_in(batch)
+        with amp:
+            out = generate(model, part.video, part.tasks["prompt"], answering.sampling)
+        if has["prompt"]:
+            rows += [open_row(rec, answering.decode(tokens).strip(), stopped)
+                     for rec, tokens, stopped in zip(part.records, out.tokens, out.stopped)]
+    return rows
+
+
+def choice_row(rec, scores: torch.Tensor) -> dict:
+    scores = scores[:len(rec.options)]  # a question with fewer options than the batch's most
+    return {"index": rec.index, "qid": rec.qid, "vid": rec.vid, "answer": rec.answer,
+            "prediction": int(scores.argmin()), "scores": scores.tolist(), "qtype": rec.qtype}
+
+
+def open_row(rec, prediction: str, stopped: bool) -> dict:
+    """An open-ended question's row: ``answer`` is the list of acceptable answers (None in a
+    split without answers), ``cut`` whether --max_new_tokens ended the answer."""
+    correct = None if rec.answers is None else exact_match(prediction, rec.answers)
+    return {"index": rec.index, "qid": rec.qid, "vid": rec.vid, "answer": rec.answers, "prediction": prediction,
+            "correct": correct, "cut": not stopped, "qtype": rec.qtype}
+
+
+def _options_stand_in(batch: Batch) -> Batch:
+    """A one-option question made of the first prompt (scored and dropped)."""
+    tb = batch.tasks["prompt"]
+    n = int(tb.length[0])
+    ids = torch.cat([tb.ids[:1, :n], tb.ids[:1, n - 1:n]], dim=1)
+    one = TaskBatch(ids, tb.length[:1], tb.length[:1] + 1, tb.video_start[:1])
+    return Batch(batch.part("prompt").video[:1], {"vqa": one}, batch.answer[:1], batch.qtype[:1])
+
+
+def _prompt_stand_in(batch: Batch) -> Batch:
+    """A generation prompt made of the first option sequence up to its targets (answered and
+    dropped)."""
+    tb = batch.tasks["vqa"]
+    n = int(tb.label_start[0])
+    one = TaskBatch(tb.ids[:1, :n], tb.label_start[:1], tb.label_start[:1], tb.video_start[:1])
+    return Batch(batch.part("vqa").video[:1], {"prompt": one}, batch.answer[:1], batch.qtype[:1])
 
 
 def _batches_behind(n_batches: int, dist: Dist, device: torch.device) -> int:

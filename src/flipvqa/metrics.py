@@ -6,8 +6,14 @@ from __future__ import annotations
 import torch
 
 
+def is_correct(row: dict) -> bool:
+    """A multiple-choice row is correct when its prediction is the answer's index; an open-ended
+    row carries ``correct`` (exact match against any acceptable answer)."""
+    return bool(row["correct"]) if "correct" in row else row["prediction"] == row["answer"]
+
+
 def accuracy(rows: list[dict]) -> float:
-    return sum(r["prediction"] == r["answer"] for r in rows) / len(rows)
+    return sum(is_correct(r) for r in rows) / len(rows)
 
 
 def accuracy_stats(rows: list[dict], groups: dict[str, tuple[int, ...]], batch_size: int,
@@ -20,7 +26,7 @@ def accuracy_stats(rows: list[dict], groups: dict[str, tuple[int, ...]], batch_s
     groups (``weighted_groups``) accumulate ``correct`` and log ``correct / (count + 1e-10)``;
     STAR's accumulate the batch accuracy. Plain ratios are in :func:`per_type_accuracy`.
     """
-    correct = {r["index"]: r["prediction"] == r["answer"] for r in rows}
+    correct = {r["index"]: is_correct(r) for r in rows}
     stats = {"acc": sum(correct.values()) / len(rows)}
     if not groups:
         return stats

@@ -9,6 +9,7 @@ and character spans, never from hard-coded token ids, so any tokenizer works.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,7 +33,7 @@ INSTRUCTIONS = {
 @dataclass(frozen=True)
 class PromptText:
     question: str  # "Question: ...?\n"
-    choices: str  # "Choices: \n(A) ...\n(B) ...\n"
+    choices: str  # "Choices: \n(A) ...\n(B) ...\n"; "" for an open-ended question
     answer: str  # "Answer: The answer is "
     dialogue: str  # "Dialogue: ...\n" or "" (only with subtitles)
 
@@ -47,13 +48,14 @@ class Sequence:
     video_start: int
     truncated: bool = False
     full_length: int = 0  # before truncation (0: not truncated, len(ids))
+    lost_answer: bool = False  # an open-ended answer token (or a generation prompt token) was cut
 
     def fits(self, max_feats: int, task: str) -> bool:
-        """Whether truncation left the sequence usable: its video slots whole and, for VQA/VAQ,
-        at least one target token."""
-        if self.video_start + max_feats > len(self.ids):
+        """Whether truncation left the sequence usable: its video slots whole, nothing of an
+        open-ended answer or prompt cut and, for VQA/VAQ, at least one target token."""
+        if self.video_start + max_feats > len(self.ids) or self.lost_answer:
             return False
-        return task == "qav" or self.label_start < len(self.ids)
+        return task in ("qav", "prompt") or self.label_start < len(self.ids)
 
 
 def normalize_question(raw: str) -> str:
@@ -63,10 +65,17 @@ def normalize_question(raw: str) -> str:
 
 
 def prompt_text(question: str, options: list[str], dialogue: str = "") -> PromptText:
+    """The text fields of a multiple-choice question (2 to 26 ``options``)."""
     if not 2 <= len(options) <= len(LETTERS):
         raise FlipVQAError(f"{len(options)} options: 2 to {len(LETTERS)} are supported")
     choices = "Choices: \n" + "".join(f"{LETTERS[k]} {opt}\n" for k, opt in enumerate(options))
     return PromptText(f"Question: {question}\n", choices, "Answer: The answer is ", dialogue)
+
+
+def open_prompt_text(question: str, dialogue: str = "") -> PromptText:
+    """The text fields of an open-ended question: no choices (docs/faithfulness.md, "Open-ended
+    questions")."""
+    return PromptText(f"Question: {question}\n", "", "Answer: The answer is ", dialogue)
 
 
 def _bos(tok: Tokenizer) -> list[int]:
@@ -82,13 +91,16 @@ def _encode_from(tok: Tokenizer, text: str, char_start: int) -> tuple[list[int],
     return ids, first
 
 
-def build(tok: Tokenizer, task: str, text: PromptText, letter: int, max_feats: int,
+def build(tok: Tokenizer, task: str, text: PromptText, answer: int | str, max_feats: int,
           max_seq_len: int, sub: bool) -> Sequence:
-    """Build one ``task`` sequence with answer letter ``letter`` and fit it into ``max_seq_len``."""
+    """Build one ``task`` sequence and fit it into ``max_seq_len``. ``answer``: the index of a
+    multiple-choice question's letter, or an open-ended question's answer text."""
     slots = [VIDEO_SLOT] * max_feats
     instruction = INSTRUCTIONS[(task, sub)]
     dialogue = tok.encode(text.dialogue) if sub and text.dialogue else []
-    qa = text.question + text.choices + text.answer + LETTERS[letter]
+    is_open = isinstance(answer, str)
+    target = answer if is_open else LETTERS[answer]
+    qa = text.question + text.choices + text.answer + target
     if task == "qav":
         head = _bos(tok) + tok.encode(instruction)
         if sub:
@@ -103,17 +115,45 @@ def build(tok: Tokenizer, task: str, text: PromptText, letter: int, max_feats: i
     head = _bos(tok) + tok.encode(instruction + "Video:")
     video_start = len(head)
     if task == "vqa":
-        body_text, target_char = qa, len(qa) - len(LETTERS[letter])
+        # An open answer's targets are every token after "The answer is" (with LLaMA's tokenizer
+        # a leading digit comes as a lone "▁" piece, which is a target too); a letter's start at
+        # the token reaching past the space, as the reference's "▁(".
+        body_text, target_char = qa, len(qa) - len(target) - (1 if is_open else 0)
     else:  # vaq: the question, with its "Question:" label, comes last and is the target
         question = text.question.strip()
-        body_text = text.choices + text.answer + LETTERS[letter] + "\n" + question
+        body_text = text.choices + text.answer + target + "\n" + question
         target_char = len(body_text) - len(question) + len("Question:")
     body, first_target = _encode_from(tok, body_text, target_char)
     prefix = head + slots + [tok.newline_id]
     ids = prefix + dialogue + body + [tok.eos_id]
     span = (len(prefix), len(prefix) + len(dialogue)) if sub else None
-    return _fit(ids, len(prefix) + len(dialogue) + first_target, video_start, span, max_feats,
-                max_seq_len, task)
+    seq = _fit(ids, len(prefix) + len(dialogue) + first_target, video_start, span, max_feats,
+               max_seq_len, task)
+    if is_open and task == "vqa" and seq.truncated and span is None and len(seq.ids) < len(ids) - 1:
+        return dataclasses.replace(seq, lost_answer=True)  # a cut answer would teach a wrong one
+    return seq
+
+
+def generation_prompt(tok: Tokenizer, text: PromptText, max_feats: int, max_seq_len: int,
+                      sub: bool) -> Sequence:
+    """The VQA sequence of an open-ended question up to its first target: ``... Answer: The
+    answer is`` (no trailing space; the answer's first token brings it). A dialogue that does not
+    fit is cut at its tail; a prompt that does not fit otherwise is marked ``lost_answer``.
+    ``label_start`` is where the first generated token goes."""
+    head = _bos(tok) + tok.encode(INSTRUCTIONS[("vqa", sub)] + "Video:")
+    prefix = head + [VIDEO_SLOT] * max_feats + [tok.newline_id]
+    dialogue = tok.encode(text.dialogue) if sub and text.dialogue else []
+    body = tok.encode(text.question + text.answer.rstrip())
+    full = len(prefix) + len(dialogue) + len(body)
+    if full > max_seq_len:
+        keep = max_seq_len - len(prefix) - len(body)
+        if not dialogue or keep < 0:
+            ids = (prefix + dialogue + body)[:max_seq_len]
+            return Sequence(ids, len(ids), len(head), truncated=True, full_length=full, lost_answer=True)
+        ids = prefix + dialogue[:keep] + body
+        return Sequence(ids, len(ids), len(head), truncated=True, full_length=full)
+    ids = prefix + dialogue + body
+    return Sequence(ids, len(ids), len(head))
 
 
 def _fit(ids: list[int], label_start: int, video_start: int, dialogue: Optional[tuple[int, int]],
@@ -138,11 +178,14 @@ def _fit(ids: list[int], label_start: int, video_start: int, dialogue: Optional[
     return Sequence(ids[:max_len], label_start, video_start, truncated=True, full_length=len(ids))
 
 
-def encode_sample(tok: Tokenizer, text: PromptText, answer: int, n_options: int, max_feats: int,
+def encode_sample(tok: Tokenizer, text: PromptText, answer: int | str, n_options: int, max_feats: int,
                   max_seq_len: int, sub: bool, tasks=TASKS, all_options: bool = False
                   ) -> dict[str, list[Sequence]]:
-    """Sequences per task: one with the correct letter (training), or one per option
-    (``all_options``, evaluation)."""
+    """Sequences per task: one with the correct letter or open answer (training), or one per
+    option (``all_options``, evaluation; an open-ended question has instead its generation
+    prompt, under the key ``"prompt"``)."""
+    if isinstance(answer, str) and all_options:
+        return {"prompt": [generation_prompt(tok, text, max_feats, max_seq_len, sub)]}
     letters = range(n_options) if all_options else [answer]
     return {task: [build(tok, task, text, k, max_feats, max_seq_len, sub) for k in letters]
             for task in tasks}

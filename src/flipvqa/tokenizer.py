@@ -19,12 +19,16 @@ class Tokenizer(Protocol):
     eos_id: int
     newline_id: int  # the id the prompts insert for the line break after the video
     n_words: int
+    stop_ids: tuple[int, ...]  # generation ends at any of these: EOS, and a model's other end tokens
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, without BOS/EOS."""
 
     def encode_with_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and, per token, its ``(start, end)`` character span in ``text``."""
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of ``ids`` (a generated answer)."""
 
 
 class SentencePieceTokenizer:
@@ -44,6 +48,7 @@ class SentencePieceTokenizer:
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
         self.n_words = self.sp.vocab_size()
+        self.stop_ids = (self.eos_id,)
         # LLaMA inserts the byte piece for "\n" directly (id 13 in LLaMA's vocabulary).
         self.newline_id = self.sp.piece_to_id("<0x0A>")
         if self.newline_id == self.sp.unk_id():
@@ -51,6 +56,9 @@ class SentencePieceTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(list(ids))
 
     def encode_with_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         proto = self.sp.encode(text, out_type="proto")

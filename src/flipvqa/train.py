@@ -28,7 +28,8 @@ from .data.dataset import collate
 from .devices import Dist, autocast, init_distributed, seed_everything
 from .errors import FlipVQAError
 from .evaluate import write_predictions
-from .loops import EpochState, Hooks, NonFinite, Stop, epoch_means, eval_loader, score_split, train_one_epoch
+from .loops import (EpochState, Hooks, NonFinite, Stop, answering, epoch_means, eval_loader, score_split,
+                    train_one_epoch)
 from .metrics import accuracy_stats, per_type_accuracy
 from .optim import base_lr, make_optimizer
 from .parallel import shard_backbone
@@ -137,7 +138,8 @@ def train(args: argparse.Namespace) -> dict:
                 # Under torchrun the ranks' validation batches differ in number: they cannot agree on
                 # a stop in the middle, so a stop requested there waits for the epoch's end.
                 rows = score_split(model, val_loader, device, amp, dist, desc=f"val {epoch}",
-                                   should_stop=should_stop if not dist.enabled else lambda: False, lockstep=sharded)
+                                   should_stop=should_stop if not dist.enabled else lambda: False, lockstep=sharded,
+                                   answering=answering(args, tokenizer))
                 entry = _log_entry(train_stats, epoch, optimizer, rows, groups, weighted, args, state)
                 history.append(entry)
                 if dist.is_main and entry["val_acc"] > prog.best_acc:  # strictly better: ties keep the earlier

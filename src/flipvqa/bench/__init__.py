@@ -78,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=1, metavar="R",
                         help="with --compare: R rounds of fast then naive; each figure is the best of its "
                              "mode's rounds (default: 1)")
+    parser.add_argument("--generate", action="store_true",
+                        help="measure answers in words instead: generated tokens/s cached, recomputing every "
+                             "step, and transformers' generate (flipvqa.bench.generate)")
     parser.add_argument("--synthetic", type=int, default=None, metavar="N",
                         help=f"use N synthetic NExT-QA-style questions (default: {DEFAULT_SYNTHETIC} "
                              f"when --data_path/<dataset> does not exist)")
@@ -90,7 +93,14 @@ def run(ns: argparse.Namespace) -> int:
         raise FlipVQAError(f"--repeat must be at least 1 (got {ns.repeat})")
     if ns.synthetic is not None and ns.synthetic < 1:
         raise FlipVQAError(f"--synthetic must be at least 1 (got {ns.synthetic})")
-    result = compare(ns) if ns.compare else bench(ns)
+    if ns.generate and ns.compare:
+        raise FlipVQAError("--generate measures its three ways in one run: leave out --compare")
+    if ns.generate:
+        from .generate import generate_bench
+
+        result = generate_bench(ns, bench_model)
+    else:
+        result = compare(ns) if ns.compare else bench(ns)
     print(json.dumps(result), flush=True)
     return 0
 

@@ -22,7 +22,7 @@ from .. import data
 from ..config import add_run_arguments, resolve
 from ..errors import FlipVQAError
 from ..io import progress
-from ..prompts import encode_sample, prompt_text
+from ..prompts import encode_sample, open_prompt_text, prompt_text
 from . import generic
 from .records import load_features
 
@@ -158,6 +158,12 @@ def check_split(args: argparse.Namespace, split: str, features: dict, tokenizer,
             errors.append(f"{where}: question {rec.index} (video {rec.vid}) does not fit --max_seq_len "
                           f"{args.max_seq_len}: truncation leaves it no answer or not the whole video; "
                           f"it needs --max_seq_len {needs}")
+    if split == "train":  # each question without an answer, named (a few, then a count)
+        unanswered = [r for r in records if not r.answered]
+        errors += [f"{where}: question {r.index} (video {r.vid}) has no answer; a training question needs one"
+                   for r in unanswered[:10]]
+        if len(unanswered) > 10:
+            errors.append(f"{where}: {len(unanswered) - 10} more questions without an answer")
     if not records and len(errors) == n_errors:
         warnings.append(f"{where}: no questions")
     missing = sorted({r.vid for r in records if r.frames is None})
@@ -173,19 +179,27 @@ def check_split(args: argparse.Namespace, split: str, features: dict, tokenizer,
                         f"{args.max_seq_len} and are truncated")
     return {"questions": len(records), "videos": len({r.vid for r in records}), "missing_features": n_missing,
             "truncated": truncated,
-            "options": {str(k): n for k, n in sorted(Counter(len(r.options) for r in records).items())},
+            "multiple_choice": sum(not r.open_ended for r in records),
+            "open_ended": sum(r.open_ended for r in records),
+            "options": {str(k): n for k, n in sorted(Counter(len(r.options) for r in records
+                                                             if not r.open_ended).items())},
             "tokens": {"p50": _percentile(lengths, 50), "p95": _percentile(lengths, 95),
                        "max": max(lengths, default=None)}}
 
 
 def _encode(args: argparse.Namespace, tokenizer, rec, train_tasks: tuple[str, ...]) -> list[tuple[str, list]]:
-    """[(task, sequences)]: VQA for every option first, then the training sequences of
-    ``train_tasks`` (questions with an answer)."""
-    text = prompt_text(rec.question, rec.options, rec.dialogue)
+    """[(task, sequences)]: VQA for every option (an open-ended question: its generation prompt)
+    first, then the training sequences of ``train_tasks`` (questions with an answer; an
+    open-ended one also its VQA sequence, which holds the whole answer)."""
+    text = open_prompt_text(rec.question, rec.dialogue) if rec.open_ended else \
+        prompt_text(rec.question, rec.options, rec.dialogue)
     common = (len(rec.options), args.max_feats, args.max_seq_len, args.sub)
-    encoded = list(encode_sample(tokenizer, text, rec.answer or 0, *common, ("vqa",), all_options=True).items())
-    if train_tasks and rec.answer is not None:
-        encoded += list(encode_sample(tokenizer, text, rec.answer, *common, train_tasks).items())
+    unanswered = "" if rec.open_ended else 0
+    encoded = list(encode_sample(tokenizer, text, rec.target if rec.answered else unanswered, *common, ("vqa",),
+                                 all_options=True).items())
+    if rec.answered and (train_tasks or rec.open_ended):  # an open answer's own VQA sequence too
+        encoded += list(encode_sample(tokenizer, text, rec.target, *common, ("vqa", *train_tasks)
+                                      if rec.open_ended else train_tasks).items())
     return encoded
 
 
@@ -203,12 +217,13 @@ def format_report(report: dict, max_seq_len: int) -> str:
     lines = [f"dataset {report['dataset']}: features "
              + (f"{report['feature_dim']}-d" if report["feature_dim"] else "none")
              + f", --max_seq_len {max_seq_len}"]
-    header = ["split", "questions", "videos", "no features", "truncated", "tokens p50", "p95", "max", "options"]
+    header = ["split", "questions", "open-ended", "videos", "no features", "truncated", "tokens p50", "p95", "max",
+              "options"]
     rows = [header]
     for split, s in report["splits"].items():
         tokens = ["-" if s["tokens"][k] is None else str(s["tokens"][k]) for k in ("p50", "p95", "max")]
         options = " ".join(f"{k}:{n}" for k, n in s["options"].items()) or "-"
-        rows.append([split, *(str(s[k]) for k in ("questions", "videos", "missing_features", "truncated")),
+        rows.append([split, *(str(s[k]) for k in ("questions", "open_ended", "videos", "missing_features", "truncated")),
                      *tokens, options])
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
     for row in rows:  # names and the histogram left-aligned, numbers right-aligned

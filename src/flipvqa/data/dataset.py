@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from ..errors import FlipVQAError
 from ..io import progress
 from ..model.inputs import Batch, TaskBatch
-from ..prompts import TASKS, Sequence, encode_sample, prompt_text
+from ..prompts import TASKS, Sequence, encode_sample, open_prompt_text, prompt_text
 from ..tokenizer import Tokenizer
 from .records import FEATURE_DIM, Record, frames_to_slots
 
@@ -45,13 +45,16 @@ class VQADataset(Dataset):
         self.records, self.max_feats, self.feature_dim = records, max_feats, feature_dim
         self.tasks = tasks
         self.encoded = []
-        if train and any(rec.answer is None for rec in records):
+        if train and not all(rec.answered for rec in records):
             raise FlipVQAError(f"{name or 'dataset'}: questions without an answer cannot be trained on")
         for rec in progress(records, f"tokenizing {name}".strip(), enabled=len(records) >= 2000):
-            text = prompt_text(rec.question, rec.options, rec.dialogue)
+            text = open_prompt_text(rec.question, rec.dialogue) if rec.open_ended else \
+                prompt_text(rec.question, rec.options, rec.dialogue)
             count = len(rec.options) if n_options is None else n_options
+            # evaluation needs no answer: every option is scored, or the answer generated
+            answer = rec.target if rec.answered else ("" if rec.open_ended else 0)
             try:
-                self.encoded.append(encode_sample(tokenizer, text, rec.answer or 0, count, max_feats,
+                self.encoded.append(encode_sample(tokenizer, text, answer, count, max_feats,
                                                   max_seq_len, sub, tasks, all_options=not train))
             except FlipVQAError as exc:  # name the question
                 raise FlipVQAError(f"{name or 'dataset'}: question {rec.index} (video {rec.vid}): {exc}") from None
@@ -73,7 +76,7 @@ class VQADataset(Dataset):
         rec = bad[0][0]
         raise FlipVQAError(f"{name or 'dataset'}: the prompt does not fit --max_seq_len {max_seq_len} "
                            f"({len({r.index for r, _ in bad})} questions, e.g. index {rec.index}, video {rec.vid}, "
-                           f"lose their answer or video); the longest sequence needs --max_seq_len {needs}")
+                           f"lose (part of) their answer or video); the longest sequence needs --max_seq_len {needs}")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -87,13 +90,18 @@ class VQADataset(Dataset):
 def collate(items: list[Item], pad_to: Optional[int] = None) -> Batch:
     """Stack items; sequences are padded to the longest in the batch (or to ``pad_to``). A
     question with fewer option sequences than the batch's most repeats its last one (scored and
-    then dropped by the caller, see ``Batch.n_options``), so the model sees equal counts."""
-    tasks = {}
-    counts = [len(item.sequences["vqa"]) for item in items] if "vqa" in items[0].sequences else [1]
-    n_options = torch.tensor(counts) if len(set(counts)) > 1 else None
-    for task in items[0].sequences:
-        most = max(len(item.sequences[task]) for item in items)
-        seqs = [s for item in items for s in _padded(item.sequences[task], most)]
+    then dropped by the caller, see ``Batch.n_options``), so the model sees equal counts.
+
+    In evaluation, multiple-choice questions bring ``"vqa"`` option sequences and open-ended
+    ones a ``"prompt"``: each task's batch then covers only its questions (``Batch.rows``)."""
+    tasks, rows = {}, {}
+    names = list(dict.fromkeys(task for item in items for task in item.sequences))
+    for task in names:
+        mine = [i for i, item in enumerate(items) if task in item.sequences]
+        if len(mine) < len(items):
+            rows[task] = torch.tensor(mine)
+        most = max(len(items[i].sequences[task]) for i in mine)
+        seqs = [s for i in mine for s in _padded(items[i].sequences[task], most)]
         width = pad_to or max(len(s.ids) for s in seqs)
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         for row, s in enumerate(seqs):
@@ -101,11 +109,13 @@ def collate(items: list[Item], pad_to: Optional[int] = None) -> Batch:
         tasks[task] = TaskBatch(ids, torch.tensor([s.label_start for s in seqs]),
                                 torch.tensor([len(s.ids) for s in seqs]),
                                 torch.tensor([s.video_start for s in seqs]))
+    counts = [len(item.sequences["vqa"]) for item in items if "vqa" in item.sequences] or [1]
+    n_options = torch.tensor(counts) if len(set(counts)) > 1 else None
     return Batch(video=torch.stack([item.video for item in items]), tasks=tasks,
                  answer=torch.tensor([-1 if item.record.answer is None else item.record.answer for item in items]),
                  qtype=torch.tensor([item.record.qtype if isinstance(item.record.qtype, int) else -1
                                      for item in items]),
-                 records=[item.record for item in items], n_options=n_options)
+                 records=[item.record for item in items], n_options=n_options, rows=rows)
 
 
 def _padded(seqs: list[Sequence], count: int) -> list[Sequence]:

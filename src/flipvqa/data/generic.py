@@ -1,14 +1,15 @@
-"""Any multiple-choice video-QA dataset: ``<data_path>/NAME/`` with ``{split}.jsonl`` or
-``{split}.csv``, ``features.pth`` (else ``clipvitl14.pth``), optional ``meta.json`` and
-``subtitles/<video>.srt``.
+"""Any video-QA dataset: ``<data_path>/NAME/`` with ``{split}.jsonl`` or ``{split}.csv``,
+``features.pth`` (else ``clipvitl14.pth``), optional ``meta.json`` and ``subtitles/<video>.srt``.
 
 JSONL rows: ``video``, ``question``, ``options`` (2 to 26 strings), ``answer`` (a 0-based index, or
-the text of one option), and optionally ``qid``, ``type``, ``start``/``end`` (seconds) and
-``subtitles`` (the dialogue itself). CSV: the same columns, with the options as ``a0``, ``a1``, ...
-(empty cells at the end mean fewer options). The rules are chosen so that each built-in dataset
-written this way gives its built-in numbers: the question is normalised as the built-in readers
-do; a window keeps frames ``[round(start) * fps, (round(end) + 1) * fps)`` (STAR, VLEP, TVQA); an
-inline dialogue is VLEP's ``Dialogue: {text}\\n``, an ``.srt`` file is windowed and joined as TVQA's.
+the text of one option); a row without ``options`` is an open-ended question, whose ``answer`` is
+a string or a list of acceptable strings (the first is trained on). Optionally ``qid``, ``type``,
+``start``/``end`` (seconds) and ``subtitles`` (the dialogue itself). CSV: the same columns, with
+the options as ``a0``, ``a1``, ... (empty cells at the end mean fewer options; none, an
+open-ended question). The rules are chosen so that each built-in dataset written this way gives
+its built-in numbers: the question is normalised as the built-in readers do; a window keeps
+frames ``[round(start) * fps, (round(end) + 1) * fps)`` (STAR, VLEP, TVQA); an inline dialogue is
+VLEP's ``Dialogue: {text}\\n``, an ``.srt`` file is windowed and joined as TVQA's.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def read(root: Path, split: str, features: dict, sub: bool,
             records.append(_record(row, index, path, line, features, fps, sub, root))
         except FlipVQAError as exc:
             _fail(str(exc), errors)
-    answered = [r.answer is not None for r in records]
+    answered = [r.answered for r in records]
     if any(answered) and not all(answered):
         missing = next(r for r in records if r.answer is None)
         _fail(f"{path}: some questions have an answer and some do not (e.g. question {missing.index}); "
@@ -99,7 +100,7 @@ def _rows(path: Path, errors: Optional[list[str]]) -> list[tuple[int, dict]]:
         return rows
     reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted cells may hold line breaks
     columns = reader.fieldnames or []
-    for name in ("video", "question", "a0", "a1"):
+    for name in ("video", "question"):
         if name not in columns:
             raise FlipVQAError(f"{path}: no '{name}' column (columns: {', '.join(columns)})")
     option_columns = sorted((c for c in columns if c[:1] == "a" and c[1:].isdigit()), key=lambda c: int(c[1:]))
@@ -126,11 +127,12 @@ def _record(row: Any, index: int, path: Path, line: int, features: dict, fps: in
     if not isinstance(row, dict):
         raise FlipVQAError(f"{where}: expected a JSON object, got {type(row).__name__}")
     video, question = (_text(row, key, where) for key in ("video", "question"))
-    options = row.get("options")
+    options = row.get("options", [])  # none at all: an open-ended question
     if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
         raise FlipVQAError(f"{where}: 'options' must be a list of strings (got {options!r})")
-    if not 2 <= len(options) <= len(LETTERS):
-        raise FlipVQAError(f"{where}: {len(options)} options; 2 to {len(LETTERS)} are supported")
+    if options and not 2 <= len(options) <= len(LETTERS):
+        raise FlipVQAError(f"{where}: {len(options)} options; 2 to {len(LETTERS)} are supported "
+                           f"(or none, for an open-ended question)")
     if "" in options:
         raise FlipVQAError(f"{where}: option {options.index('')} is empty")
     window = _window(row, where)
@@ -144,10 +146,12 @@ def _record(row: Any, index: int, path: Path, line: int, features: dict, fps: in
     qtype = row.get("type")
     if qtype is not None and not isinstance(qtype, str):
         qtype = str(qtype)
+    answer, answers = (None, _open_answers(row.get("answer"), where)) if not options else \
+        (_answer(row.get("answer"), options, where), None)
     return Record(index=index, vid=video, question=normalize_question(question), options=options,
-                  answer=_answer(row.get("answer"), options, where), qtype=qtype if qtype else -1,
+                  answer=answer, qtype=qtype if qtype else -1,
                   qid=None if row.get("qid") is None else str(row["qid"]), dialogue=dialogue,
-                  subtitles_missing=no_subtitles, frames=frames)
+                  subtitles_missing=no_subtitles, frames=frames, answers=answers)
 
 
 def _text(row: dict, key: str, where: str) -> str:
@@ -174,6 +178,25 @@ def _answer(value: Any, options: list[str], where: str) -> Optional[int]:
     if not 0 <= index < len(options):
         raise FlipVQAError(f"{where}: answer {index} is outside 0..{len(options) - 1}")
     return index
+
+
+def _open_answers(value: Any, where: str) -> Optional[list[str]]:
+    """An open-ended question's acceptable answers (a string or a list of strings, stripped; the
+    first is trained on); None when the row has none."""
+    if value is None:
+        return None
+    answers = value if isinstance(value, list) else [value]
+    if not answers:
+        raise FlipVQAError(f"{where}: 'answer' is an empty list; give at least one acceptable answer")
+    bad = next((a for a in answers if not isinstance(a, str)), None)
+    if bad is not None or isinstance(value, bool):
+        raise FlipVQAError(f"{where}: the answer of an open-ended question must be a string or a list of "
+                           f"strings (got {value!r})")
+    answers = [a.strip() for a in answers]
+    if "" in answers:
+        raise FlipVQAError(f"{where}: an answer is empty" + (f" (answer {answers.index('')} of the list)"
+                                                             if isinstance(value, list) else ""))
+    return answers
 
 
 def _window(row: dict, where: str) -> Optional[tuple[float, float]]:

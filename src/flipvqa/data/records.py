@@ -17,18 +17,36 @@ from ..model.inputs import FEATURE_DIM
 
 @dataclass
 class Record:
-    """One multiple-choice question, as every reader produces it."""
+    """One question, as every reader produces it: multiple-choice (``options``, ``answer``) or
+    open-ended (no options; ``answers``, the acceptable answer texts)."""
 
     index: int  # 0-based position in the split's annotation file (the reference's "qid")
     vid: str
     question: str  # already normalised ("Why ...?")
-    options: list[str]
-    answer: Optional[int]  # 0-based; None in a split used only for prediction
+    options: list[str]  # [] for an open-ended question
+    answer: Optional[int]  # 0-based; None in a split used only for prediction (and when open-ended)
     qtype: int | str = -1  # the reader's QTYPES code, a generic dataset's type name; -1: none
     qid: Optional[str] = None  # the dataset's own question id, where it has one
     dialogue: str = ""  # "Dialogue: ...\n" with --sub, else ""
     subtitles_missing: bool = False  # --sub but the video has no subtitles at all
     frames: Optional[Tensor] = field(default=None, repr=False)  # [n, width]; None: no features
+    answers: Optional[list[str]] = None  # open-ended: the acceptable answers, the first trained on
+
+    @property
+    def open_ended(self) -> bool:
+        return not self.options
+
+    @property
+    def answered(self) -> bool:
+        """Whether the question has its answer (a split used only for prediction has none)."""
+        return self.answers is not None if self.open_ended else self.answer is not None
+
+    @property
+    def target(self) -> int | str:
+        """What training predicts: the correct option's index, or the first acceptable answer."""
+        if not self.answered:
+            raise FlipVQAError(f"question {self.index} (video {self.vid}) has no answer")
+        return self.answers[0] if self.open_ended else self.answer
 
 
 def read_list(path: Path) -> list:

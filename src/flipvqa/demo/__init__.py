@@ -1,22 +1,24 @@
 """``flipvqa demo``: train and evaluate a real Flipped-VQA model offline, on a CPU, in minutes.
 
-1. Generates a synthetic temporal video-QA dataset (:mod:`flipvqa.demo.synthetic`) in the NExT-QA
-   layout under ``<output_dir>/data/``, so that it goes through the same reader, prompts, model,
-   losses and evaluation as real data.
+1. Generates a synthetic temporal video-QA dataset (:mod:`flipvqa.demo.synthetic`) in the generic
+   format under ``<output_dir>/data/``, so that it goes through the same reader, prompts, model,
+   losses and evaluation as real data. Half its questions are multiple-choice (5 options), half
+   open-ended (answered in words, scored by exact match).
 2. Trains Flipped-VQA (VQA + VAQ + QAV) on the tiny frozen backbone shipped in
    ``flipvqa/assets/demo/`` with ``flipvqa.train.train``, the code behind ``flipvqa train``, then
    scores the best checkpoint with ``flipvqa.evaluate.evaluate``, the code behind ``flipvqa eval``.
    The backbone (``scripts/build_demo_backbone.py``: 4 layers, dim 64, 512 tokens) was pre-trained
-   on *text*: the prompts of other seeds' train questions, with each video told in words. It has
-   never seen a frame feature; Flipped-VQA has to learn to feed it the video.
+   on *text*: the prompts of other seeds' train questions, both kinds, with each video told in
+   words. It has never seen a frame feature; Flipped-VQA has to learn to feed it the video.
 3. Trains the **question-only baseline** the same way: the same recipe, objectives and questions,
    with every frame feature replaced by zeros (a blind model: only the question, the options and
    the learned temporal embeddings reach the backbone). It shows how far the questions alone go,
    and the synthetic data has a deliberate linguistic shortcut for it to find.
 4. With ``--ablation``, also trains VQA alone (no VAQ, no QAV) on the real features.
 
-Accuracies are on the validation split, at the best epoch, as ``flipvqa train`` selects its
-checkpoint (all models alike). Outputs: ``<output_dir>/<run>/checkpoint_best.pth``,
+Figures are on the validation split, at the best epoch (by accuracy over all its questions), as
+``flipvqa train`` selects its checkpoint (all models alike); :mod:`flipvqa.demo.report` splits
+them by kind and defines chance. Outputs: ``<output_dir>/<run>/checkpoint_best.pth``,
 ``predictions_val.jsonl`` and ``log.txt`` per run.
 """
 
@@ -34,23 +36,25 @@ import torch
 
 from ..config import resolve
 from ..errors import FlipVQAError
-from .synthetic import MAX_FEATS, N_OPTIONS, DemoSpec, write_nextqa
+from . import report
+from .synthetic import DATASET, MAX_FEATS, DemoSpec, write_generic
 
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
-GROUPS = ("C", "T", "D")
 
 # ``flipvqa train`` flags (the others keep their defaults), tuned to finish in about 100 s on 2 CPU
 # cores. bias 0 instead of the paper's 3-3.5: this backbone learnt to read the video slots in
 # pre-training, so there is nothing to protect it from at the start (3.5 ends ~5 points lower).
-RECIPE = dict(model="demo-llama", llama_model_path=str(ASSETS), dataset="nextqa", max_feats=MAX_FEATS,
+# max_new_tokens 8: the longest answers ("to eat") are 2 tokens and the end token; it bounds the
+# validation's generation before the model has learnt to stop.
+RECIPE = dict(model="demo-llama", llama_model_path=str(ASSETS), dataset=DATASET, max_feats=MAX_FEATS,
               max_seq_len=128, adapter_len=4, batch_size=32, accum_iter=1, epochs=6, warmup_epochs=1,
-              blr=0.1, weight_decay=0.05, bias=0.0, tau=100.0, num_workers=0, device="cpu")
+              blr=0.1, weight_decay=0.05, bias=0.0, tau=100.0, num_workers=0, device="cpu", max_new_tokens=8)
 FULL = DemoSpec()
 QUICK = DemoSpec(train_videos=100, val_videos=40)
 QUICK_EPOCHS = 2
-DATA_VERSION = 1  # part of the data folder's name: bump when the generator changes
+DATA_VERSION = 2  # part of the data folder's name: bump when the generator changes
 
 
 @dataclass
@@ -83,9 +87,9 @@ def prepare_data(output_dir: Path, seed: int, spec: DemoSpec, blind: bool) -> Pa
     """``<output_dir>/data/<name>/``, generated unless a previous run left the same one there."""
     name = f"v{DATA_VERSION}-seed{seed}-{spec.train_videos}x{spec.val_videos}{'-blind' if blind else ''}"
     data_path = output_dir / "data" / name
-    if not (data_path / "nextqa" / "clipvitl14.pth").is_file():
+    if not (data_path / DATASET / "features.pth").is_file():
         log.info("writing the synthetic dataset%s to %s", " (video features zeroed)" if blind else "", data_path)
-        write_nextqa(data_path, seed, spec, blind=blind)
+        write_generic(data_path, seed, spec, blind=blind)
     return data_path
 
 
@@ -101,8 +105,8 @@ def train_and_evaluate(variant: Variant, data_path: Path, output_dir: Path, seed
     log.info("training %s for %d epochs -> %s", variant.label, epochs, out)
     trained = train(args)
     if trained["best_epoch"] is None:  # no epoch above 0 accuracy: nothing was saved
-        return {"train": trained, "eval": {"accuracy": 0.0, "per_type": {}, "n": 0, "predictions": None},
-                "checkpoint": None}
+        return {"train": trained, "eval": {"accuracy": 0.0, "per_type": {}, "n": 0, "predictions": None,
+                                           "open_ended": None}, "checkpoint": None}
     args.resume, args.split = str(out / "checkpoint_best.pth"), "val"
     return {"train": trained, "eval": evaluate(args), "checkpoint": args.resume}
 
@@ -116,63 +120,16 @@ def run(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir)
     spec = QUICK if args.quick else FULL
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else RECIPE["epochs"])
-    results = {}
+    results, data_path = {}, None
     for key in ["full", "blind"] + (["vqa"] if args.ablation else []):
         data_path = prepare_data(output_dir, args.seed, spec, VARIANTS[key].blind)
         results[key] = train_and_evaluate(VARIANTS[key], data_path, output_dir, args.seed, epochs)
-    summary = {**_summary(results, time.time() - start), "output_dir": str(output_dir)}
+    summary = report.summary(results, data_path, time.time() - start, str(output_dir))
     if args.json:
         print(json.dumps(summary))
     else:
-        _print_table(results, summary)
+        report.print_table({k: v.label for k, v in VARIANTS.items()}, summary)
     return 0
-
-
-def _summary(results: dict, seconds: float) -> dict:
-    full = results["full"]
-    summary = {"accuracy": full["eval"]["accuracy"],
-               "per_type": {g: full["eval"]["per_type"].get(g) for g in GROUPS},
-               "chance": 1.0 / N_OPTIONS,
-               "question_only_accuracy": results["blind"]["eval"]["accuracy"],
-               "seconds": round(seconds, 1),
-               "n_questions": full["eval"]["n"],
-               "first_epoch_accuracy": {k: r["train"]["log"][0]["val_acc"] for k, r in results.items()},
-               "losses": {k: _losses(r["train"]["log"]) for k, r in results.items()},
-               "checkpoint": full["checkpoint"], "predictions": full["eval"]["predictions"]}
-    if "vqa" in results:
-        summary["vqa_only_accuracy"] = results["vqa"]["eval"]["accuracy"]
-    return summary
-
-
-def _losses(history: list[dict]) -> dict[str, list[float]]:
-    """Per objective, the epoch means of the training loss, first epoch to last."""
-    return {k: [round(e[f"train_{k}_loss"], 4) for e in history] for k in ("vqa", "vaq", "qav")}
-
-
-def _print_table(results: dict, summary: dict) -> None:
-    def row(label: str, acc: float, per_type: dict, first: float | None) -> str:
-        cells = "".join(f"{_pct(per_type.get(g)):>7}" for g in GROUPS)
-        return f"{label:<28}{_pct(acc):>8}{cells}{_pct(first):>12}"
-
-    chance = summary["chance"]
-    print(f"\nvalidation accuracy, % ({summary['n_questions']} questions, 5 options each; best epoch)")
-    print(f"{'':<28}{'overall':>8}" + "".join(f"{g:>7}" for g in GROUPS) + f"{'1st epoch':>12}")
-    for key, res in results.items():
-        print(row(VARIANTS[key].label, res["eval"]["accuracy"], res["eval"]["per_type"],
-                  summary["first_epoch_accuracy"][key]))
-    print(row("chance", chance, dict.fromkeys(GROUPS, chance), None))
-    print("C: causal (why, how), T: temporal (after, before, first, last), D: descriptive (how many, what)")
-    losses = summary["losses"]["full"]
-    print("Flipped-VQA training losses, first -> last epoch: "
-          + ", ".join(f"{k} {v[0]:.3f} -> {v[-1]:.3f}" for k, v in losses.items()))
-    print(f"\ncheckpoint:  {summary['checkpoint']}\npredictions: {summary['predictions']}")
-    print(f"every run:   {summary['output_dir']}/<run>/ (log.txt, checkpoint, predictions); "
-          f"data: {summary['output_dir']}/data/")
-    print(f"time: {summary['seconds']:.0f} s")
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
 
 
 __all__ = ["RECIPE", "add_arguments", "run"]

@@ -1,4 +1,4 @@
-"""A synthetic temporal video-QA world, written in the NExT-QA layout.
+"""A synthetic temporal video-QA world, written in the generic dataset format.
 
 A "video" is a person doing a few everyday activities one after another: 3 to 5 runs of at least 2
 frames, 8 to 16 frames in all. Its frame features are what a CLIP encoder might give: per frame a
@@ -29,6 +29,11 @@ listed in the world's canonical order (option ``k`` is activity ``k`` or ``k + 5
 their options; this lets the tiny backbone find an option by its letter without the symbol binding
 that only large language models learn.
 
+Half the questions (``DemoSpec.open_ended``, drawn from a stream of their own, so the questions
+themselves do not depend on it) are asked *open-ended*: without options, answered in words by the
+correct option's text ("to eat", "by cooking", "two"). A "what does the person do in the video?"
+question then accepts every activity of the video; every other question has one answer.
+
 Everything is a pure function of the seed. :func:`narration` tells, per video, which activity
 each of its ``max_feats`` sampled frames shows: the text corpus of the demo backbone describes
 videos that way (see ``scripts/build_demo_backbone.py``); the demo itself never uses it.
@@ -36,7 +41,8 @@ videos that way (see ``scripts/build_demo_backbone.py``); the demo itself never 
 
 from __future__ import annotations
 
-import csv
+import dataclasses
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +83,7 @@ class DemoSpec:
     p_script: float = 0.6  # probability that an event is followed by its favourite successor
     noise: float = 0.6  # per-frame noise, relative to the unit-norm prototype
     max_feats: int = MAX_FEATS
+    open_ended: float = 0.5  # fraction of the questions asked without options
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,13 @@ class Question:
     options: tuple[str, ...]
     answer: int
     qtype: str
+    also: tuple[str, ...] = ()  # other acceptable answers in words (DO: the video's other activities)
+    open_ended: bool = False  # asked without its options
+
+    @property
+    def answers(self) -> list[str]:
+        """The acceptable answers in words, the correct option's text first."""
+        return [self.options[self.answer], *self.also]
 
 
 # ---------------------------------------------------------------------------- videos
@@ -197,7 +211,8 @@ def _question(rng: np.random.Generator, video: Video, qtype: str) -> Question | 
         for y in rng.permutation(sorted(present)):
             found = _options(rng, int(y), _doing, avoid=present - {int(y)}, prefer=set())
             if found:
-                break
+                also = tuple(EVENTS[e].doing for e in sorted(present) if EVENTS[e].doing != found[0][found[1]])
+                return Question(video.vid, text, found[0], found[1], qtype, also)
     else:
         raise ValueError(f"unknown question type {qtype!r}")
     return None if found is None else Question(video.vid, text, found[0], found[1], qtype)
@@ -224,7 +239,8 @@ class Split:
 
 def generate(seed: int, spec: DemoSpec = DemoSpec()) -> dict[str, Split]:
     """The ``train`` and ``val`` splits for ``seed``; each split has its own random stream, so
-    changing the size of one never changes the other."""
+    changing the size of one never changes the other, and which questions are open-ended is drawn
+    from a third stream per split."""
     world_rng = np.random.default_rng([seed, 0])
     world = {"mean": _unit(world_rng), "prototypes": _unit(world_rng, len(EVENTS))}
     splits = {}
@@ -236,6 +252,8 @@ def generate(seed: int, spec: DemoSpec = DemoSpec()) -> dict[str, Split]:
             videos.append(video)
             features[video.vid] = _features(video, world, _unit(rng), spec.noise, rng)
             questions.extend(_questions(rng, video, spec.questions_per_video))
+        asked = np.random.default_rng([seed, code, 1]).random(len(questions)) < spec.open_ended
+        questions = [dataclasses.replace(q, open_ended=bool(o)) for q, o in zip(questions, asked)]
         splits[name] = Split(videos, questions, features)
     return splits
 
@@ -248,28 +266,33 @@ def narration(video: Video, max_feats: int = MAX_FEATS) -> list[str]:
     return [EVENTS[video.frame_events[int(i)]].doing for i in picked[:n, 0]]
 
 
-CSV_COLUMNS = ("video", "frame_count", "width", "height", "question", "answer", "qid", "type",
-               "a0", "a1", "a2", "a3", "a4")
+DATASET = "synthetic"  # the folder under the data path, a generic dataset's name
 
 
-def write_nextqa(data_path: str | Path, seed: int, spec: DemoSpec = DemoSpec(), blind: bool = False) -> Path:
-    """Write ``<data_path>/nextqa/{train,val}.csv`` and ``clipvitl14.pth``; returns the folder.
+def row(q: Question, qid: int) -> dict:
+    """A question as a generic-format JSONL row: with its options and the correct one's index, or
+    open-ended with its acceptable answers."""
+    head = {"video": q.vid, "question": q.question}
+    if q.open_ended:
+        return {**head, "answer": q.answers, "qid": str(qid), "type": q.qtype}
+    return {**head, "options": list(q.options), "answer": q.answer, "qid": str(qid), "type": q.qtype}
+
+
+def write_generic(data_path: str | Path, seed: int, spec: DemoSpec = DemoSpec(), blind: bool = False) -> Path:
+    """Write ``<data_path>/synthetic/{train,val}.jsonl`` and ``features.pth`` (the generic format,
+    :mod:`flipvqa.data.generic`); returns the folder.
 
     ``blind``: the same questions with every frame feature zeroed (the question-only baseline)."""
-    root = Path(data_path) / "nextqa"
+    root = Path(data_path) / DATASET
     root.mkdir(parents=True, exist_ok=True)
     features = {}
     for name, split in generate(seed, spec).items():
-        frames = {v.vid: len(v.frame_events) for v in split.videos}
-        with open(root / f"{name}.csv", "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(CSV_COLUMNS)
-            for qid, q in enumerate(split.questions):
-                writer.writerow([q.vid, frames[q.vid], 640, 480, q.question, q.answer, qid, q.qtype, *q.options])
+        with open(root / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row(q, qid)) + "\n" for qid, q in enumerate(split.questions))
         for vid, x in split.features.items():
             # One zero row is the same all-zero video (frames_to_slots pads with zero rows).
             features[vid] = torch.zeros(1, FEATURE_DIM, dtype=x.dtype) if blind else x
-    torch.save(features, root / "clipvitl14.pth")
+    torch.save(features, root / "features.pth")
     return root
 
 

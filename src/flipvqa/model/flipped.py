@@ -202,18 +202,28 @@ class FlippedVQA(nn.Module):
         h = self.backbone.tok_embeddings(ids)
         return self.run_layers(h, self.backbone.rope(0, ids.shape[1], h.device), lambda gate2: None, keep_kv=True)[1]
 
+    def adapter_kv(self) -> list:
+        """Every adapted layer's adaption-prompt keys/values, for :meth:`run_layers`'s
+        ``prompts`` (computed once when many calls share them, as in generation)."""
+        first_adapted = len(self.backbone.layers) - self.cfg.adapter_layer
+        rows = self.adapter_query.weight.view(self.cfg.adapter_layer, self.cfg.adapter_len, -1)
+        return [layer.attention.prompt_kv(rows[i])
+                for i, layer in enumerate(self.backbone.layers[first_adapted:])]
+
     def run_layers(self, h: Tensor, rope, mask_for, past: Optional[list] = None, keep_kv: bool = False,
-                   out_from: int = 0):
+                   out_from: int = 0, prompts: Optional[list] = None):
         """The backbone's layers; the last ``adapter_layer`` get the prompt and the gates.
 
         ``mask_for(gate2)`` gives a layer's additive mask from its video bias (None: causal).
         ``past``: per-layer keys/values of a prefix; ``keep_kv`` returns this pass's.
         ``out_from``: the last layer's outputs are computed from that position of ``h`` on
         (the hidden states returned start there); it needs an explicit mask.
+        ``prompts``: the adapted layers' prompt keys/values (:meth:`adapter_kv`), else computed.
         """
         n_layers = len(self.backbone.layers)
         first_adapted = n_layers - self.cfg.adapter_layer
-        prompts = self.adapter_query.weight.view(self.cfg.adapter_layer, self.cfg.adapter_len, -1)
+        if prompts is None:
+            prompts = self.adapter_query.weight.view(self.cfg.adapter_layer, self.cfg.adapter_len, -1)
         kvs = []
         for j, layer in enumerate(self.backbone.layers):
             layer_past = past[j] if past is not None else None

@@ -41,8 +41,22 @@ class Batch:
     # (batch,) how many of a question's option sequences are real: questions with fewer options
     # than the batch's most repeat their last one, so every question has as many (None: all real).
     n_options: Optional[Tensor] = None
+    # task -> which questions (indices into this batch) its sequences belong to, where not all:
+    # in evaluation, multiple-choice questions have "vqa" option sequences and open-ended ones
+    # a generation "prompt".
+    rows: dict[str, Tensor] = field(default_factory=dict)
 
     def to(self, device) -> "Batch":
         return Batch(self.video.to(device, non_blocking=True),
                      {k: v.to(device) for k, v in self.tasks.items()},
-                     self.answer.to(device), self.qtype.to(device), self.records, self.n_options)
+                     self.answer.to(device), self.qtype.to(device), self.records, self.n_options,
+                     {k: v.to(device) for k, v in self.rows.items()})
+
+    def part(self, task: str) -> "Batch":
+        """The questions that have ``task`` sequences, as a batch of their own."""
+        if task not in self.rows:
+            return Batch(self.video, {task: self.tasks[task]}, self.answer, self.qtype, self.records,
+                         self.n_options if task == "vqa" else None)
+        rows = self.rows[task]
+        return Batch(self.video[rows], {task: self.tasks[task]}, self.answer[rows], self.qtype[rows],
+                     [self.records[i] for i in rows.tolist()], self.n_options if task == "vqa" else None)

@@ -148,7 +148,8 @@ class Attention(nn.Module):
 
         ``mask``: additive float mask (batch or 1, heads or 1, seq, past + seq); None means causal.
         ``prompt`` (prompt_len, dim): extra key/value rows without rotary, attended with their own
-        softmax and scaled per head by ``prompt_gate`` (1, heads, 1, 1).
+        softmax and scaled per head by ``prompt_gate`` (1, heads, 1, 1); or their keys/values as
+        :meth:`prompt_kv` gives them (computed once for many calls, as generation does).
         ``past_kv``: keys/values (batch, kv_heads, past, head_dim) of an earlier prefix, already
         rotated; they come before ``x``'s keys (``rope`` and ``mask`` must say where ``x`` sits).
         Returns the output and this call's full keys/values (for reuse as a prefix).
@@ -191,8 +192,8 @@ class Attention(nn.Module):
             mask = torch.full((seqlen, keys), float("-inf"), device=q.device).triu(keys - seqlen + 1)
         plen = 0
         if prompt is not None:
-            plen = prompt.shape[0]
-            pk, pv = self._prompt_kv(prompt)
+            pk, pv = self.prompt_kv(prompt)
+            plen = pk.shape[2]
             k = torch.cat([pk.expand(q.shape[0], -1, -1, -1).to(k.dtype), k], dim=2)
             v = torch.cat([pv.expand(q.shape[0], -1, -1, -1).to(v.dtype), v], dim=2)
         scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(self.head_dim)
@@ -203,8 +204,11 @@ class Attention(nn.Module):
             return torch.matmul(torch.cat([p_probs.to(q.dtype), probs], dim=-1), v), probs
         return torch.matmul(probs, v), probs
 
-    def _prompt_kv(self, prompt: Tensor) -> tuple[Tensor, Tensor]:
-        """Prompt keys/values (1, heads, prompt_len, head_dim) through this layer's wk/wv, no rotary."""
+    def prompt_kv(self, prompt: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Prompt keys/values (1, heads, prompt_len, head_dim) through this layer's wk/wv, no rotary
+        (a pair already computed is returned as it is)."""
+        if isinstance(prompt, tuple):
+            return prompt
         plen = prompt.shape[0]
         pk = self.wk(prompt).view(1, plen, self.n_kv_heads, self.head_dim).transpose(1, 2)
         pv = self.wv(prompt).view(1, plen, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -214,7 +218,7 @@ class Attention(nn.Module):
     def _prompt_attention(self, q: Tensor, prompt: Tensor, gate: Tensor) -> Tensor:
         # The prompt rows get a softmax of their own (not shared with the sequence), as in
         # LLaMA-Adapter; the per-head gate starts at zero so training starts from the frozen LM.
-        pk, pv = self._prompt_kv(prompt)
+        pk, pv = self.prompt_kv(prompt)
         scores = torch.matmul(q, pk.transpose(2, 3).to(q.dtype)) / math.sqrt(self.head_dim)
         probs = F.softmax(scores.float(), dim=-1) * gate.float()
         return torch.matmul(probs.to(q.dtype), pv.to(q.dtype))

@@ -18,20 +18,32 @@ rounding of the different batching; tests/test_model.py checks both against the 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .inputs import TaskBatch
-from .llama import rope_cos_sin
-
-if TYPE_CHECKING:  # the model imports this module; only the type is needed here
-    from .flipped import FlippedVQA
+from .llama import Transformer, rope_cos_sin
 
 
-def shared_prefix(model: "FlippedVQA", tb: TaskBatch, n_q: int, n_opt: int) -> Optional[Tensor]:
+class ScoringModel(Protocol):
+    """What scoring uses of :class:`flipvqa.model.flipped.FlippedVQA`, which imports this module
+    (so this one imports nothing of it: the dependencies point one way)."""
+
+    backbone: Transformer
+    cfg: Any
+
+    def embed(self, tb: TaskBatch, frames: Tensor) -> Tensor: ...
+    def shared_hidden(self, tb: TaskBatch, h: Tensor, video_bias: bool, needed_from: Tensor,
+                      keep_kv: bool = False) -> tuple[Tensor, int, list]: ...
+    def attention_mask(self, video_start: Tensor, q_pos: Tensor, k_pos: Tensor, allowed: Tensor) -> Callable: ...
+    def run_layers(self, h: Tensor, rope, mask_for, past: Optional[list] = None, keep_kv: bool = False,
+                   out_from: int = 0, prompts: Optional[list] = None): ...
+
+
+def shared_prefix(model: ScoringModel, tb: TaskBatch, n_q: int, n_opt: int) -> Optional[Tensor]:
     """Per question, how many leading tokens all its options have in common (the first token
     where they differ is a target, predicted from inside the prefix); None if the video is not
     inside every prefix (the options are then scored as whole sequences)."""
@@ -47,7 +59,7 @@ def shared_prefix(model: "FlippedVQA", tb: TaskBatch, n_q: int, n_opt: int) -> O
     return split
 
 
-def run_prefix(model: "FlippedVQA", tb: TaskBatch, frames: Tensor, split: Tensor, n_q: int, n_opt: int
+def run_prefix(model: ScoringModel, tb: TaskBatch, frames: Tensor, split: Tensor, n_q: int, n_opt: int
                ) -> tuple[TaskBatch, Tensor, int, list]:
     """Stage 1: each question's first ``split`` tokens (its first option's, right-padded to the
     longest). Returns them, the hidden states from position ``start`` on, ``start`` and every
@@ -60,7 +72,7 @@ def run_prefix(model: "FlippedVQA", tb: TaskBatch, frames: Tensor, split: Tensor
     return prefix, h, start, past
 
 
-def run_suffixes(model: "FlippedVQA", tb: TaskBatch, prefix: TaskBatch, past: list, split: Tensor, n_q: int,
+def run_suffixes(model: ScoringModel, tb: TaskBatch, prefix: TaskBatch, past: list, split: Tensor, n_q: int,
                  n_opt: int) -> tuple[Tensor, Tensor]:
     """Stage 2: every option's tokens from ``split`` to its second-to-last, the options of a
     question side by side in one row, attending to the prefix's keys (up to its own split) and
@@ -88,7 +100,7 @@ def run_suffixes(model: "FlippedVQA", tb: TaskBatch, prefix: TaskBatch, past: li
     return tokens, h.view(n_q, n_opt, s_len, -1)
 
 
-def option_scores(model: "FlippedVQA", tb: TaskBatch, prefix_h: Tensor, start: int, tokens: Tensor,
+def option_scores(model: ScoringModel, tb: TaskBatch, prefix_h: Tensor, start: int, tokens: Tensor,
                   suffix_h: Tensor, split: Tensor, n_q: int, n_opt: int) -> Tensor:
     """Stage 3: option k's targets are its tokens from its label start on, each predicted by the
     position before it; its score is their mean cross-entropy (n_q, n_opt)."""

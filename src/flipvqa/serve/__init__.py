@@ -1,4 +1,5 @@
-"""``flipvqa serve``: a web page and a JSON API answering multiple-choice questions about videos.
+"""``flipvqa serve``: a web page and a JSON API answering questions about videos: ranking choices,
+or in words.
 
     flipvqa serve                      # the bundled demo model and its examples, http://127.0.0.1:7860
     flipvqa serve --resume checkpoint_best.pth --llama_model_path pretrained/llama/ --model 7B \\
@@ -6,8 +7,10 @@
 
 The API (every error is ``{"error": "<one line>"}`` with a 4xx status, or 500 for a server bug):
 
-* ``GET /api/health``: ``{"status": "ok", "model", "checkpoint", ...}`` and the batch counters
-  (``batches``, ``questions``, ``largest_batch``);
+* ``GET /api/health``: ``{"status": "ok", "model", "checkpoint", ...}``, the multiple-choice batch
+  counters (``batches``, ``questions``, ``largest_batch``) and ``generation``: the sampling
+  defaults (``max_new_tokens``, ``temperature``, ``top_p``, ``seed``), the counters of the
+  answers in words and ``cancelled`` (streams whose client went away before their answer);
 * ``GET /api/examples``: the bundled examples ``{"id", "question", "choices", "frames", ...}``, or
   with ``--features`` one entry per video of that file (no question: ask your own);
 * ``POST /api/ask``: JSON ``{"example": ID}``, optionally with ``"question"`` and ``"choices"``; or
@@ -15,10 +18,21 @@ The API (every error is ``{"error": "<one line>"}`` with a 4xx status, or 500 fo
   ``subtitles`` .srt file (needs ``--clip_model``). The answer is ``flipvqa ask --json --explain``'s
   (``choice``, ``index``, ``n_frames``, ``ranked``, ``frame_attention``) plus ``timings`` (seconds)
   and ``frames`` (an example's frame labels) or ``thumbnails`` (an upload's sampled frames).
+  A ``question`` without ``choices`` (none, null or [] in JSON; no ``choices`` field in a form) is
+  answered in words: ``flipvqa ask --json``'s ``answer``, ``tokens`` (``{"token", "probability"}``
+  each), ``cut``, ``n_frames``, plus ``settings`` and the same ``timings`` (with ``first_token``),
+  ``batch_size``, ``frames``/``thumbnails``. Optional fields ``max_new_tokens`` (1 to the server's
+  --max_new_tokens), ``temperature``, ``top_p``, ``seed`` (defaults: the server's flags). A body
+  with only ``example`` ranks the example's own choices, as before.
+* ``POST /api/ask/stream``: the same request; the answer in words as Server-Sent Events, an
+  ``event: token`` (data ``{"token", "probability"}``) per token as it is generated, then
+  ``event: done`` (data: what ``/api/ask`` returns) or ``event: error`` (``{"error"}``). A bad
+  request is a JSON 4xx as above; a question with choices gets one ``done`` event.
 
-The model loads once. Requests that arrive together are scored in one batch
-(:mod:`flipvqa.serve.batching`, :meth:`flipvqa.ask.Answerer.ask_many`), with the same numbers as
-one at a time.
+The model loads once. Requests that arrive together are answered in one batch
+(:mod:`flipvqa.serve.batching`; :meth:`flipvqa.ask.Answerer.ask_many`, or
+:meth:`~flipvqa.ask.Answerer.generate_many` for answers in words, :mod:`flipvqa.serve.words`),
+each with the same answer as alone. A client that leaves mid-stream frees its row of the batch.
 """
 
 from __future__ import annotations
@@ -67,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long the first waiting question waits for others to join its batch "
                              "(default: 2)")
     add_run_arguments(parser, "ask")
+    for action in parser._actions:  # serve's --max_new_tokens is also the most a request may ask for
+        if action.dest == "max_new_tokens":
+            action.help = ("most tokens of an answer in words: the default, and the most a request's "
+                           "max_new_tokens may ask for (default: 32)")
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -77,8 +95,9 @@ def run(ns: argparse.Namespace) -> int:
         raise FlipVQAError(f"--batch_wait_ms must be 0 or more (got {ns.batch_wait_ms})")
     if not 0 < ns.port < 65536:
         raise FlipVQAError(f"--port must be in 1..65535 (got {ns.port})")
+    settings = sampling(ns)
     check_port(ns.host, ns.port)  # before loading the model, which can take minutes
-    backend = load_backend(ns)
+    backend = load_backend(ns, settings)
     from .app import create_app
 
     app = create_app(backend)
@@ -106,8 +125,20 @@ def check_port(host: str, port: int) -> None:
             raise FlipVQAError(f"cannot listen on {host}:{port} ({err.strerror or err})") from None
 
 
-def load_backend(ns: argparse.Namespace):
-    """The Answerer (the demo model without --resume), the examples and the batch queue."""
+def sampling(ns: argparse.Namespace):
+    """The sampling flags (``flipvqa ask``'s defaults where not given), checked."""
+    from ..ask import check_sampling
+    from .words import Settings
+
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    settings = Settings(pick(ns.max_new_tokens, 32), pick(ns.temperature, 0.0), pick(ns.top_p, 1.0),
+                        pick(ns.seed, 0))
+    check_sampling(settings.max_new_tokens, settings.temperature, settings.top_p)
+    return settings
+
+
+def load_backend(ns: argparse.Namespace, settings=None):
+    """The Answerer (the demo model without --resume), the examples and the batch queues."""
     from ..ask import OPTIONS, Answerer
     from ..demo import ASSETS
     from .backend import Backend, demo_examples, feature_examples
@@ -139,4 +170,5 @@ def load_backend(ns: argparse.Namespace):
         log.info("loading CLIP from %s", ns.clip_model)
         answerer.embed_frames(np.zeros((1, 224, 224, 3), np.uint8))
     return Backend(answerer, checkpoint.resolve(), examples, max_upload_mb=ns.max_upload_mb,
-                   max_seconds=ns.max_seconds, max_batch=ns.max_batch, max_wait=ns.batch_wait_ms / 1000)
+                   max_seconds=ns.max_seconds, max_batch=ns.max_batch, max_wait=ns.batch_wait_ms / 1000,
+                   settings=settings or sampling(ns))

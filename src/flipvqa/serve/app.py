@@ -2,8 +2,14 @@
 
 Every error is a JSON object ``{"error": "<one line>"}``: 4xx for a bad request (the message says
 what to fix), 500 for a bug in the server (the traceback goes to the server's log, never to the
-client). The routes are ``async`` and wait on the batch queue's futures, so a thousand waiting
+client). The routes are ``async`` and wait on the batch queues' futures, so a thousand waiting
 requests hold no threads; decoding an upload runs in the thread pool.
+
+``/api/ask/stream`` answers a free question as Server-Sent Events: ``token`` events as the model
+generates them, then ``done`` with what ``/api/ask`` returns (or ``error``). The response starts
+with the first token, so a request that fails before it (a question too long for the model) is
+a plain JSON 4xx like everywhere else. A question with choices gets its answer as one ``done``
+event. When the client goes away mid-stream, its row leaves the generation batch at the next step.
 """
 
 from __future__ import annotations
@@ -20,20 +26,24 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..errors import FlipVQAError
 from .backend import Backend, RequestError, Upload
 from .batching import QueueFull
+from .words import FIELDS, SettingsError, TokenSink, form_settings, sse
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
-PAGE_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+PAGE_FILES = {"app.js": "text/javascript", "words.js": "text/javascript", "style.css": "text/css"}
 MAX_JSON_BYTES = 1 << 20
 FORM_SLACK = 1 << 20  # what a multipart body may hold besides the video (fields, subtitles)
+API = "GET /api/health, GET /api/examples, POST /api/ask, POST /api/ask/stream"
+# No caching, and no buffering by a proxy (nginx): each event goes out as it is written.
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -64,7 +74,7 @@ def create_app(backend: Backend) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        backend.queue.close()  # score what is queued, then stop the worker
+        backend.close()  # answer what is queued, then stop the workers
 
     app = FastAPI(title="Flipped-VQA", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.backend = backend
@@ -72,7 +82,7 @@ def create_app(backend: Backend) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
         if exc.status_code == 404:
-            message = f"not found: {request.url.path} (the API: GET /api/health, GET /api/examples, POST /api/ask)"
+            message = f"not found: {request.url.path} (the API: {API})"
         elif exc.status_code == 405:
             message = f"method {request.method} not allowed on {request.url.path}"
         else:
@@ -104,12 +114,53 @@ def create_app(backend: Backend) -> FastAPI:
     @guarded
     async def ask(request: Request):
         started = time.perf_counter()
+        async with asked(request) as (question, extra, settings):
+            scored = await asyncio.wrap_future(backend.submit(question, settings))
+        return backend.answer_dict(scored, extra, started, settings)
+
+    @app.post("/api/ask/stream")
+    @guarded
+    async def ask_stream(request: Request):
+        started = time.perf_counter()
+        async with asked(request) as (question, extra, settings):
+            if settings is None:  # choices: the whole answer is one event
+                scored = await asyncio.wrap_future(backend.submit(question, None))
+                return event_stream(one_event(sse("done", backend.answer_dict(scored, extra, started))))
+            sink = TokenSink(asyncio.get_running_loop())
+            backend.submit(question, settings, sink)
+            try:
+                first = await sink.next()  # (the upload's files are read by then)
+            except BaseException:
+                backend.words.cancel(sink)
+                raise
+            if first[0] == "done":
+                first[1].result()  # a failure before the first token: raised, a JSON 4xx
+        return event_stream(words_events(sink, first, lambda scored: backend.answer_dict(scored, extra, started,
+                                                                                         settings)))
+
+    async def words_events(sink: TokenSink, item: tuple, finish):
+        ended = False
+        try:
+            while item[0] == "token":
+                yield sse("token", item[1])
+                item = await sink.next()
+            ended = True
+            yield done_event(item[1], finish)
+        finally:
+            if not ended:  # the client went away (the response was cancelled): free its row
+                backend.words.cancel(sink)
+
+    @contextlib.asynccontextmanager
+    async def asked(request: Request):
+        """The request's (question, extra, settings): JSON about an example, or an upload (whose
+        files live until the block ends). ``settings`` is None for a question with choices."""
         if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-            return await ask_upload(request, started)
+            async with uploaded(request) as out:
+                yield out
+            return
         body = await read_json(request)
         question, extra = backend.example_question(body)
-        scored = await asyncio.wrap_future(backend.queue.submit(question))
-        return backend.answer_dict(scored, extra, started)
+        yield question, extra, backend.sampling(not question.choices, body)
 
     async def read_json(request: Request):
         length = request.headers.get("content-length")
@@ -123,44 +174,49 @@ def create_app(backend: Backend) -> FastAPI:
         except (ValueError, UnicodeDecodeError) as err:
             raise RequestError(400, f"the body is not JSON ({err})") from None
 
-    async def ask_upload(request: Request, started: float):
+    @contextlib.asynccontextmanager
+    async def uploaded(request: Request):
         backend.need_uploads()
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > backend.max_upload_bytes + FORM_SLACK:
             backend.check_upload_size(int(length), "the request")  # refused before it is read
         form = await request.form(max_files=2, max_fields=64)
         try:
-            return await answer_form(form, started)
+            with tempfile.TemporaryDirectory(prefix="flipvqa-serve-") as tmp:
+                yield await form_question(form, Path(tmp))
         finally:
             await form.close()
 
-    async def answer_form(form, started: float):
+    async def form_question(form, tmp: Path):
         video, subtitles = form.get("video"), form.get("subtitles")
         if video is None or isinstance(video, str):
             raise RequestError(400, "give the video file as the form field \"video\"")
         if subtitles is not None and isinstance(subtitles, str):
             raise RequestError(400, "\"subtitles\" must be an .srt file")
-        unknown = sorted(set(form.keys()) - {"video", "subtitles", "question", "choices"})
+        unknown = sorted(set(form.keys()) - {"video", "subtitles", "question", "choices", *FIELDS})
         if unknown:
-            raise RequestError(400, f"unknown form field {unknown[0]!r} (give video, question, choices, subtitles)")
+            raise RequestError(400, f"unknown form field {unknown[0]!r} (give video, question, choices, subtitles, "
+                                    f"{', '.join(FIELDS)})")
         questions = form.getlist("question")
         if len(questions) != 1:
             raise RequestError(400, "give one \"question\" field" + (f" (got {len(questions)})" if questions else ""))
         choices = form.getlist("choices")
         if any(not isinstance(c, str) for c in choices):
             raise RequestError(400, "\"choices\" must be text fields, not files")
+        try:  # checked before the video is decoded
+            settings = backend.sampling(not choices, form_settings(form))
+        except SettingsError as err:
+            raise RequestError(400, str(err)) from None
         backend.check_upload_size(video.size)
-        with tempfile.TemporaryDirectory(prefix="flipvqa-serve-") as tmp:
-            name = Path(video.filename or "video").name or "video"
-            upload = Upload(Path(tmp) / ("video" + Path(name).suffix[:10]), name, 0)
-            upload.size = await run_in_threadpool(save, video.file, upload.path)
-            srt = None
-            if subtitles is not None:
-                srt = Path(tmp) / "subtitles.srt"
-                await run_in_threadpool(save, subtitles.file, srt)
-            question, extra = await run_in_threadpool(backend.video_question, upload, questions[0], choices, srt)
-            scored = await asyncio.wrap_future(backend.queue.submit(question))
-        return backend.answer_dict(scored, extra, started)
+        name = Path(video.filename or "video").name or "video"
+        upload = Upload(tmp / ("video" + Path(name).suffix[:10]), name, 0)
+        upload.size = await run_in_threadpool(save, video.file, upload.path)
+        srt = None
+        if subtitles is not None:
+            srt = tmp / "subtitles.srt"
+            await run_in_threadpool(save, subtitles.file, srt)
+        question, extra = await run_in_threadpool(backend.video_question, upload, questions[0], choices, srt)
+        return question, extra, settings
 
     @app.get("/")
     async def page():
@@ -173,6 +229,25 @@ def create_app(backend: Backend) -> FastAPI:
         return page_file(name, PAGE_FILES[name])
 
     return app
+
+
+def event_stream(events) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers=STREAM_HEADERS)
+
+
+async def one_event(event: str):
+    yield event
+
+
+def done_event(future, finish) -> str:
+    """The last event of a stream: ``done`` with ``finish(scored)``, or ``error``."""
+    try:
+        return sse("done", finish(future.result()))
+    except (RequestError, FlipVQAError) as err:
+        return sse("error", {"error": " ".join(str(err).split())})
+    except Exception as err:
+        log.exception("ask/stream: internal error")
+        return sse("error", {"error": f"internal error ({type(err).__name__}); the server's log has the details"})
 
 
 def page_file(name: str, media_type: str):

@@ -1,5 +1,9 @@
 """What ``flipvqa serve`` serves: the model, its examples, the checks on every request.
 
+A request with choices is ranked by the multiple-choice queue; one without (a free question) is
+answered in words by :class:`flipvqa.serve.words.WordsBatcher`'s queue. The two queues share the
+model's lock, so one batch runs on the model at a time.
+
 Nothing here knows about HTTP beyond :class:`RequestError`'s status: :mod:`flipvqa.serve.app`
 turns the dicts and errors into responses.
 """
@@ -11,7 +15,7 @@ import io
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,6 +26,7 @@ from ..errors import FlipVQAError
 from ..io import load_tensors, read_json
 from ..prompts import LETTERS
 from .batching import BatchQueue
+from .words import FIELDS, Generated, Settings, SettingsError, WordsBatcher, check_settings
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +62,32 @@ class Upload:
 
 
 class Backend:
-    """The model (loaded once), the examples and a :class:`BatchQueue` in front of the model."""
+    """The model (loaded once), the examples, and two :class:`BatchQueue` in front of the model:
+    ``queue`` ranks choices, ``words.queue`` answers in words (``settings``: the server's sampling
+    flags, its ``max_new_tokens`` also the most a request may ask for)."""
 
     def __init__(self, answerer: Answerer, checkpoint: Path, examples: list[Example], max_upload_mb: float = 200,
-                 max_seconds: float = 600, max_batch: int = 32, max_wait: float = 0.002):
+                 max_seconds: float = 600, max_batch: int = 32, max_wait: float = 0.002,
+                 settings: Settings = Settings()):
         self.answerer, self.checkpoint = answerer, checkpoint
         self.examples = {e.id: e for e in examples}
         self.max_upload_bytes = int(max_upload_mb * 1024 * 1024)
         self.max_upload_mb, self.max_seconds = max_upload_mb, max_seconds
+        self.model_lock = threading.Lock()  # the explain pass sets state on the model: one batch at a time
         self.queue: BatchQueue = BatchQueue(self._score, max_batch=max_batch, max_wait=max_wait)
+        self.words = WordsBatcher(answerer, self.model_lock, settings, settings.max_new_tokens,
+                                  max_batch=max_batch, max_wait=max_wait)
         self._clip_lock = threading.Lock()
         self.started = time.time()
 
     def _score(self, questions: list[Question]):
-        with torch.inference_mode():
+        with self.model_lock, torch.inference_mode():
             return self.answerer.ask_many(questions, explain=True)
+
+    def close(self) -> None:
+        """Answer what is queued, then stop the workers."""
+        self.queue.close()
+        self.words.queue.close()
 
     # ------------------------------------------------------------------ what the API reports
     @property
@@ -80,28 +96,36 @@ class Backend:
 
     def health(self) -> dict:
         args = self.answerer.args
-        status = "ok" if self.queue.alive else "error"
+        status = "ok" if self.queue.alive and self.words.queue.alive else "error"
         return {"status": status, "model": args.model, "checkpoint": str(self.checkpoint),
                 "device": str(self.answerer.device), "max_feats": args.max_feats, "uploads": self.uploads,
                 "max_upload_mb": self.max_upload_mb, "max_seconds": self.max_seconds,
-                "uptime_s": round(time.time() - self.started, 1), **self.queue.stats()}
+                "uptime_s": round(time.time() - self.started, 1), **self.queue.stats(),
+                "generation": self.words.stats()}
 
     def example_list(self) -> list[dict]:
         return [e.public() for e in self.examples.values()]
 
     # ------------------------------------------------------------------ requests
     def example_question(self, body: Any) -> tuple[Question, dict]:
-        """A JSON body ``{"example": ID[, "question": ..., "choices": [...]]}`` as a question."""
+        """A JSON body ``{"example": ID[, "question": ..., "choices": [...]]}`` as a question: with a
+        ``question`` and no ``choices`` (absent, null or []) a free question (``Question.choices``
+        empty), answered in words; else the choices (the example's own where not given) are ranked."""
         if not isinstance(body, dict):
             raise RequestError(400, f"the body must be a JSON object, not {json_type(body)}")
-        unknown = sorted(set(body) - {"example", "question", "choices"})
+        unknown = sorted(set(body) - {"example", "question", "choices", *FIELDS})
         if unknown:
-            raise RequestError(400, f"unknown field {unknown[0]!r} (give example, question, choices)")
+            raise RequestError(400, f"unknown field {unknown[0]!r} (give example, question, choices, "
+                                    f"{', '.join(FIELDS)})")
         if "example" not in body:
             raise RequestError(400, "give the example's id as \"example\" (or upload a video as multipart "
                                     "form data)")
         example = self.example(body["example"])
         info = example.info
+        if body.get("question") is not None and body.get("choices") in (None, []):
+            question = check_question(body["question"])
+            extra = {"example": example.id, "question": question, **pick(info, "frames")}
+            return Question(example.features.float(), question, ()), extra
         question = check_question(body["question"]) if body.get("question") is not None else info.get("question")
         choices = check_choices(body["choices"]) if body.get("choices") is not None else info.get("choices")
         if not question or not choices:
@@ -133,11 +157,31 @@ class Backend:
             raise RequestError(400, "this server cannot read videos: start it with --clip_model (a local folder "
                                     "of openai/clip-vit-large-patch14) to answer about uploads")
 
+    def sampling(self, free: bool, given: dict) -> Optional[Settings]:
+        """The settings of a free question from the request's sampling fields (None: choices)."""
+        if not free:
+            named = [k for k in FIELDS if given.get(k) is not None]
+            if named:
+                raise RequestError(400, f"\"{named[0]}\" is for answers in words: leave out the choices")
+            return None
+        try:
+            return check_settings({k: given.get(k) for k in FIELDS}, self.words.defaults, self.words.limit)
+        except SettingsError as err:
+            raise RequestError(400, str(err)) from None
+
+    def submit(self, question: Question, settings: Optional[Settings], sink=None):
+        """The future of a question: ranked (``settings`` None) or answered in words."""
+        if settings is None:
+            return self.queue.submit(question)
+        return self.words.submit(question, settings, sink)
+
     def video_question(self, video: Upload, question: Any, choices: Any, subtitles: Optional[Path]
                        ) -> tuple[Question, dict]:
-        """An uploaded video (decoded and embedded here, in the caller's thread) as a question."""
+        """An uploaded video (decoded and embedded here, in the caller's thread) as a question; with
+        no choices, a free question."""
         self.need_uploads()
-        question, choices = check_question(question), check_choices(choices)
+        question = check_question(question)
+        choices = check_choices(choices) if choices else []
         self.check_upload_size(video.size)
         if subtitles is not None:
             check_subtitles(subtitles)
@@ -148,7 +192,7 @@ class Backend:
         from ..data.records import slot_sources
 
         slots = slot_sources(len(frames), self.answerer.args.max_feats)
-        extra = {"video": video.name, "question": question, "choices": list(choices),
+        extra = {"video": video.name, "question": question, **({"choices": choices} if choices else {}),
                  "thumbnails": thumbnails(frames, slots), "video_s": time.perf_counter() - start}
         return Question(features, question, list(choices), subtitles), extra
 
@@ -182,16 +226,25 @@ class Backend:
         return np.stack(frames)
 
     @staticmethod
-    def answer_dict(scored, extra: dict, started: float) -> dict:
-        out = scored.result.to_dict()
+    def answer_dict(scored, extra: dict, started: float, settings: Optional[Settings] = None) -> dict:
+        """The response: the answer's ``to_dict()``, ``extra``, ``timings`` and ``batch_size`` (the
+        questions of its model call); an answer in words adds its ``settings``."""
+        result, batch_size = scored.result, scored.batch_size
+        if isinstance(result, Generated):
+            result, batch_size = result.answer, result.batch_size
+        out = result.to_dict()
         timings = {"queue": scored.queue_s, "model": scored.model_s}
         if "video_s" in extra:
             extra = dict(extra)
             timings["video"] = extra.pop("video_s")
+        if out.get("timings", {}).get("first_token") is not None:  # from the start of its generate_many call
+            timings["first_token"] = out["timings"]["first_token"]
         timings["total"] = time.perf_counter() - started
         out.update(extra)
         out["timings"] = {k: round(v, 6) for k, v in timings.items()}
-        out["batch_size"] = scored.batch_size
+        out["batch_size"] = batch_size
+        if settings is not None:
+            out["settings"] = asdict(settings)
         return out
 
 
@@ -201,6 +254,10 @@ class Backend:
 def json_type(value: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def pick(info: dict, *keys: str) -> dict:
+    return {k: info[k] for k in keys if k in info}
 
 
 def check_question(question: Any) -> str:

@@ -1,5 +1,6 @@
 // The page of `flipvqa serve`: pick an example or upload a video, ask, show the ranked choices
-// and the answer's attention over the sampled frames. No libraries, works offline.
+// and the answer's attention over the sampled frames, or an answer in words as it is generated
+// (words.js). No libraries, works offline.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -7,7 +8,8 @@ const LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ";
 const MAX_CHOICES = 26;
 const PALETTE = ["#c98a22", "#d1603d", "#4e9a6f", "#3d7fd1", "#8a5ad1", "#c2477a",
                  "#2f9fa8", "#7a8b2f", "#a86f3d", "#5f6c8a"];
-const state = { examples: [], byId: new Map(), source: "example", health: null, busy: false, colours: new Map() };
+const state = { examples: [], byId: new Map(), source: "example", mode: "choices", health: null, busy: false,
+                colours: new Map() };
 
 function el(tag, cls, text) {
   const node = document.createElement(tag);
@@ -102,6 +104,17 @@ function showExample(id) {
   $("example-meta").textContent = meta.join(" · ");
 }
 
+function setMode(mode) {
+  state.mode = mode;
+  for (const seg of document.querySelectorAll(".seg")) {
+    const on = seg.dataset.mode === mode;
+    seg.classList.toggle("active", on);
+    seg.setAttribute("aria-checked", String(on));
+  }
+  $("choices-box").hidden = mode === "words";
+  $("words-hint").hidden = mode !== "words";
+}
+
 function setSource(source) {
   if (source === "upload" && state.source === "example" && showsExample(state.byId.get($("example").value))) {
     $("question").value = "";
@@ -129,14 +142,16 @@ async function ask() {
   if (state.busy) return;
   showError("");
   const question = $("question").value;
-  const choices = currentChoices();
+  if (state.mode === "choices" && !currentChoices().length && question.trim()) setMode("words");
+  const words = state.mode === "words";
+  const choices = words ? [] : currentChoices();
   let options;
   let example = null;
   if (state.source === "example") {
     example = state.byId.get($("example").value);
     if (!example) return showError("pick an example first");
-    options = { method: "POST", headers: { "Content-Type": "application/json" },
-                body: JSON.stringify({ example: example.id, question, choices }) };
+    const body = words ? { example: example.id, question } : { example: example.id, question, choices };
+    options = { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
   } else {
     const file = $("video").files[0];
     if (!file) return showError("choose a video file first");
@@ -149,14 +164,20 @@ async function ask() {
   }
   state.busy = true;
   $("ask").disabled = true;
-  $("ask").textContent = "Asking…";
+  $("ask").textContent = words ? "Answering…" : "Asking…";
   $("result").dataset.state = "loading";
   const clientStart = performance.now();
   try {
-    const answer = await api("/api/ask", options);
-    render(answer, (performance.now() - clientStart) / 1000);
+    let answer;
+    if (words) {
+      answer = await stream("/api/ask/stream", options, question);
+      renderWords(answer, (performance.now() - clientStart) / 1000);
+    } else {
+      answer = await api("/api/ask", options);
+      render(answer, (performance.now() - clientStart) / 1000);
+    }
     $("result").dataset.state = "done";
-    if (example) shareLink(example, question, choices);
+    if (example) shareLink(example, question, choices, words);
   } catch (err) {
     $("result").dataset.state = "error";
     showError(err.message);
@@ -167,19 +188,26 @@ async function ask() {
   }
 }
 
-function shareLink(example, question, choices) {
+function shareLink(example, question, choices, words) {
   const params = new URLSearchParams({ example: example.id });
   const own = question === example.question && JSON.stringify(choices) === JSON.stringify(example.choices);
-  if (!own) {
+  if (words) {
+    params.set("q", question);
+    params.set("mode", "words");
+  } else if (!own) {
     params.set("q", question);
     choices.forEach((c) => params.append("c", c));
   }
   history.replaceState(null, "", "?" + params.toString());
 }
 
+// ------------------------------------------------------------------ ranked choices
+
 function render(answer, clientSeconds) {
   $("placeholder").hidden = true;
   $("answer").hidden = false;
+  $("ranked-view").hidden = false;
+  $("words-view").hidden = true;
   const top = answer.ranked[0];
   $("asked").textContent = answer.question || "";
   $("top-letter").textContent = `(${LETTERS[answer.index]})`;
@@ -211,7 +239,7 @@ function render(answer, clientSeconds) {
     ranked.append(row);
   });
 
-  renderFrames(answer);
+  renderFrames(answer, true);
   const t = answer.timings || {};
   const parts = [`model ${ms(t.model || 0)}`, `queue ${ms(t.queue || 0)}`];
   if (t.video !== undefined) parts.unshift(`video ${ms(t.video)}`);
@@ -221,10 +249,13 @@ function render(answer, clientSeconds) {
     ` · ${ms(clientSeconds)} in the browser${batch} · ${answer.n_frames} video frames in ${slots} slots`;
 }
 
-function renderFrames(answer) {
-  const attention = answer.frame_attention || [];
-  const n = attention.length;
+function renderFrames(answer, withAttention) {
+  // An answer in words has no attention: the frames the model saw, without bars.
+  const attention = withAttention ? answer.frame_attention || [] : [];
+  const n = withAttention ? attention.length : (answer.thumbnails || answer.frames || []).length;
   const most = Math.max(...attention, 1e-9);
+  $("frames-hint").textContent = withAttention ? "bars: how much the answer attends to each frame (last layer)"
+    : "what the model saw (the video's slots)";
   const strip = $("frames");
   strip.replaceChildren();
   strip.style.setProperty("--slots", String(Math.max(n, 1)));
@@ -245,6 +276,11 @@ function renderFrames(answer) {
       tile.classList.add("padding");
       tile.append(el("span", "activity", "padding"));
     }
+    if (!withAttention) {
+      slot.append(tile, el("figcaption", "", String(j + 1)));
+      strip.append(slot);
+      continue;
+    }
     const meter = el("div", "meter");
     const level = el("div", "level");
     level.style.height = `${(attention[j] / most) * 100}%`;
@@ -262,6 +298,7 @@ async function start() {
   document.querySelectorAll(".tab").forEach((tab) => tab.addEventListener("click", () => setSource(tab.dataset.pane)));
   $("example").addEventListener("change", () => showExample($("example").value));
   $("add-choice").addEventListener("click", () => addChoice("", true));
+  document.querySelectorAll(".seg").forEach((seg) => seg.addEventListener("click", () => setMode(seg.dataset.mode)));
   $("ask").addEventListener("click", ask);
   document.querySelector(".ask-card").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && e.target.tagName === "INPUT" && e.target.type === "text") ask();
@@ -273,6 +310,9 @@ async function start() {
     const file = health.checkpoint.split(/[\\/]/).pop();
     $("model").textContent = `${health.model} · ${file} · ${health.device}`;
     $("model").title = health.checkpoint;
+    const most = (health.generation || {}).max_new_tokens;
+    $("words-hint").textContent = "The model answers in its own words" + (most ? ` (up to ${most} tokens)` : "") +
+      ", shown as it writes them, each token with its probability.";
     state.examples = examples;
     for (const ex of examples) {
       state.byId.set(ex.id, ex);
@@ -301,6 +341,7 @@ async function start() {
   } else if (wanted) {
     if (params.has("q")) $("question").value = params.get("q");
     if (params.getAll("c").length) setChoices(params.getAll("c"));
+    if (params.get("mode") === "words") setMode("words");
     ask();
   }
 }

@@ -144,7 +144,20 @@ def check_quantize(plan: dict) -> dict:
     return {"dtype": plan["dtype"], "memory_note": note, **shapes}
 
 
-CHECKS = {"reference": check_reference, "bf16": check_bf16, "bench": check_bench, "quantize": check_quantize}
+def check_generate(plan: dict) -> dict:
+    """``bench --generate``: generated tokens/s cached, recomputing every step, and transformers'
+    generate, on the bf16 benchmark model (batch 8, NExT-QA-style prompts, 32 new tokens)."""
+    flags = ["--model", plan["bf16_model"], "--device", plan["device"], "--dtype", plan["dtype"],
+             "--tokenizer_path", TOKENIZER, "--batch_size", "8", "--max_seq_len", "128", "--max_new_tokens", "32",
+             "--steps", str(plan["steps"]), "--warmup", str(plan["warmup"]), "--generate"]
+    result = _bench(flags)
+    keys = ("cached_tokens_per_s", "naive_tokens_per_s", "transformers_tokens_per_s", "speedup_vs_naive",
+            "ratio_vs_transformers")
+    return {"model": plan["bf16_model"], **{k: result[k] for k in keys}}
+
+
+CHECKS = {"reference": check_reference, "bf16": check_bf16, "bench": check_bench, "quantize": check_quantize,
+          "generate": check_generate}
 
 
 # ---------------------------------------------------------------------------- running flipvqa bench

@@ -4,6 +4,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from flipvqa import bench
 from flipvqa.demo.synthetic import random_records
@@ -38,6 +39,30 @@ def test_bench_prints_one_json_line_with_positive_figures(capsys, naive):
     assert (cfg["batch_size"], cfg["max_seq_len"], cfg["device"]) == (4, 128, "cpu")
     assert cfg["objectives"] == ["vqa", "vaq", "qav"] and cfg["data"] == "synthetic 16"
     assert cfg["torch"] and cfg["threads"] >= 1
+
+
+def test_generate_prints_the_three_rates(capsys):
+    """bench --generate: tokens/s cached, recomputed and with transformers, in one line."""
+    result = run_bench(capsys, "--generate", "--max_new_tokens", "4", "--steps", "1", "--warmup", "0")
+    for key in ("cached_tokens_per_s", "naive_tokens_per_s", "transformers_tokens_per_s"):
+        assert result[key] > 0, key
+    assert result["speedup_vs_naive"] == pytest.approx(result["cached_tokens_per_s"] / result["naive_tokens_per_s"])
+    assert result["config"]["mode"] == "generate" and result["config"]["max_new_tokens"] == 4
+
+
+def test_hf_copy_of_the_backbone_gives_its_logits():
+    """The transformers model bench --generate compares with is the same backbone."""
+    from flipvqa.bench.generate import _hf_model
+    from flipvqa.checkpoints import random_backbone, wrap_backbone
+    from flipvqa.config import resolve
+    from flipvqa.model.llama import SHAPES
+
+    backbone = random_backbone(SHAPES["bench-128"], 300, torch.device("cpu"), torch.float32, 0)
+    model = wrap_backbone(backbone, resolve(argparse.Namespace(adapter_layer=2)), torch.device("cpu"))
+    ids = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(_hf_model(model, torch.device("cpu"), torch.float32)(ids).logits.float(),
+                                   backbone(ids), atol=1e-4, rtol=1e-4)
 
 
 def test_compare_children_get_the_same_flags():

@@ -104,3 +104,23 @@ def test_fsdp_stages_the_backbone_on_the_cpu():
     assert {t.device.type for t in tensors} == {"cpu"}
     file_dtype = torch.load(next((REF / "llama" / "tiny").glob("consolidated.*.pth")))["tok_embeddings.weight"].dtype
     assert backbone.tok_embeddings.weight.dtype == file_dtype
+
+
+def test_fsdp_answers_in_words_as_one_process(tmp_path):
+    """A mixed open-ended / multiple-choice split on 3 ranks at batch 1: a rank whose batch has only
+    one kind runs a stand-in of the other, so every collective call is matched; each question is
+    answered once, with what one process without --fsdp answers."""
+    from test_open_ended import write_open_dataset
+
+    name = write_open_dataset(tmp_path / "data", splits=("val",))
+    flags = case_flags("nextqa", resume=case_dir("nextqa") / "checkpoint.pth", batch_size=1) + \
+        ["--dataset", name, "--data_path", str(tmp_path / "data"), "--max_new_tokens", "6"]
+    flipvqa("eval", *flags, "--output_dir", str(tmp_path / "one"))
+    flipvqa("eval", *flags, "--fsdp", "--output_dir", str(tmp_path / "fsdp"), nproc=3)
+    one, sharded = rows(tmp_path / "one" / "predictions_val.jsonl"), rows(tmp_path / "fsdp" / "predictions_val.jsonl")
+    assert [r["index"] for r in sharded] == list(range(8))
+    assert any("correct" in r for r in one) and any("scores" in r for r in one)
+    for x, y in zip(one, sharded):
+        assert y["prediction"] == x["prediction"]
+        if "scores" in x:
+            assert y["scores"] == pytest.approx(x["scores"], abs=1e-5)

@@ -107,3 +107,34 @@ def test_prompt_too_long_is_an_error_naming_max_seq_len(llama_tokenizer):
 
     with pytest.raises(FlipVQAError, match="needs --max_seq_len"):
         open_val("nextqa", llama_tokenizer, max_seq_len=30)
+
+
+@pytest.mark.parametrize("variant", ["gqa", "gqa-skip-unadapted", "int8"])
+def test_cached_equals_recomputed_with_gqa_skipped_layers_and_int8(variant, llama_tokenizer):
+    """Grouped-query attention (the adapter through the narrow wk/wv), the reference's skipping of
+    unadapted layers, and an int8 backbone: still the tokens of recomputing every step."""
+    import argparse
+
+    from flipvqa.checkpoints import random_backbone, wrap_backbone
+    from flipvqa.config import resolve
+    from flipvqa.model.llama import ModelArgs
+
+    shape = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2 if variant != "int8" else 4, multiple_of=32)
+    backbone = random_backbone(shape, llama_tokenizer.n_words, torch.device("cpu"), torch.float32, 0)
+    if variant == "int8":
+        pytest.importorskip("torchao")
+        from flipvqa.quantize import quantize_backbone
+
+        quantize_backbone(backbone, "int8", torch.device("cpu"))
+    skip = variant == "gqa-skip-unadapted"
+    args = resolve(argparse.Namespace(adapter_layer=2, skip_unadapted_layers=skip or None, max_seq_len=128))
+    model = wrap_backbone(backbone, args, torch.device("cpu")).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():  # gates away from their start, so that the adapter and the bias matter
+        for _, p in model.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    _, ds = open_val("nextqa", llama_tokenizer)
+    video, prompts = prompts_of(ds, range(len(ds)))
+    sampling = Sampling(max_new_tokens=8, stop_ids=(llama_tokenizer.eos_id,))
+    assert generate(model, video, prompts, sampling).tokens == \
+        generate(model, video, prompts, sampling, cache=False).tokens

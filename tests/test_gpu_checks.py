@@ -17,8 +17,8 @@ def test_dry_run_prints_one_passing_line_per_check():
     run = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [json.loads(line) for line in run.stdout.splitlines()]
-    assert [line["check"] for line in lines] == ["reference", "bf16", "bench", "quantize"]
-    reference, bf16, bench, quantize = lines
+    assert [line["check"] for line in lines] == ["reference", "bf16", "bench", "quantize", "generate"]
+    reference, bf16, bench, quantize, generate = lines
     assert reference["pass"] and set(reference["max_abs_diff"]) == {"nextqa", "star", "dramaqa", "vlep", "tvqa"}
     assert max(reference["max_abs_diff"].values()) < 1e-4
     assert bf16["pass"] and bf16["prediction_agreement"] >= 0.95 and 0 < bf16["max_abs_score_diff"] < 0.15
@@ -27,6 +27,8 @@ def test_dry_run_prints_one_passing_line_per_check():
     assert "skipped" in bench["compile"]
     sizes = {mode: figures["backbone_weights_mb"] for mode, figures in quantize["bench-128"].items()}
     assert sizes["nf4"] < sizes["int8"] < sizes["fp32"]
+    assert generate["cached_tokens_per_s"] > 0 and generate["naive_tokens_per_s"] > 0
+    assert generate["transformers_tokens_per_s"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

@@ -9,7 +9,7 @@ import torch
 
 from flipvqa.cli import main
 
-from conftest import CASES, case_dir, case_flags, expected
+from conftest import CASES, case_dir, case_flags, expected, TORCHRUN_PORT
 
 
 def read_jsonl(path):
@@ -88,7 +88,7 @@ def _load(path):
 
 def test_eval_under_torchrun_scores_every_question_once(tmp_path):
     flags = case_flags("nextqa", resume=case_dir("nextqa") / "checkpoint.pth", output_dir=tmp_path, batch_size=3)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", *TORCHRUN_PORT(), "--nproc_per_node", "2",
                           "-m", "flipvqa", "eval", *flags], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = read_jsonl(tmp_path / "predictions_val.jsonl")

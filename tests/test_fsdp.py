@@ -10,14 +10,14 @@ import sys
 import pytest
 import torch
 
-from conftest import case_dir, case_flags, expected_val
+from conftest import case_dir, case_flags, expected_val, TORCHRUN_PORT
 
 # tvqa's case: 4 training questions; one epoch, 2 optimizer steps of a global batch of 2.
 TRAIN = {"epochs": 1, "warmup_epochs": 1, "blr": 20.0, "weight_decay": 0.14, "batch_size": 1, "save_every": 1}
 
 
 def flipvqa(*argv, nproc=1, timeout=300):
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    launcher = ["-m", "torch.distributed.run", *TORCHRUN_PORT(), "--nproc_per_node", str(nproc)] if nproc > 1 else []
     env = {k: v for k, v in os.environ.items() if k != "FLIPVQA_CRASH_AT"}
     run = subprocess.run([sys.executable, *launcher, "-m", "flipvqa", "-q", *argv], capture_output=True,
                          text=True, timeout=timeout, env=env)

@@ -12,7 +12,7 @@ import torch
 
 from flipvqa.cli import main
 
-from conftest import case_dir, case_flags
+from conftest import case_dir, case_flags, TORCHRUN_PORT
 
 # tvqa's case: 4 train questions, batch 1, accumulation 2: 2 optimizer steps per epoch
 FLAGS = {"epochs": 3, "warmup_epochs": 1, "blr": 20.0, "weight_decay": 0.14, "batch_size": 1, "accum_iter": 2,
@@ -216,7 +216,7 @@ def test_torchrun_killed_and_resumed_equals_uninterrupted(tmp_path):
         env = {k: v for k, v in os.environ.items() if k != "FLIPVQA_CRASH_AT"}
         if crash:
             env["FLIPVQA_CRASH_AT"] = crash
-        argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "flipvqa", "-q",
+        argv = [sys.executable, "-m", "torch.distributed.run", *TORCHRUN_PORT(), "--nproc_per_node", "2", "-m", "flipvqa", "-q",
                 *train_args(out, epochs=2), *(["--resume", "auto"] if auto else [])]
         return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
 

@@ -129,6 +129,7 @@ def _module(name: str):
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    finished = False
     try:
         ns = build_parser(argv).parse_args(argv)
         worker = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 talks
@@ -136,7 +137,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         logging.basicConfig(level=level, format="%(message)s", force=True)
         show_progress(not (ns.quiet or worker))
         run: Callable = ns.func if hasattr(ns, "func") else _module(ns.plugin).run
-        return run(ns)
+        code = run(ns)
+        finished = code == 0
+        return code
     except FlipVQAError as exc:
         print(f"flipvqa: error: {exc}", file=sys.stderr)
         return 2
@@ -150,7 +153,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "torch.distributed" in sys.modules:  # a torchrun worker: leave the group cleanly
             from .devices import close_distributed
 
-            close_distributed()
+            close_distributed(wait=finished)
 
 
 if __name__ == "__main__":

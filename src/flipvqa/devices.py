@@ -79,9 +79,14 @@ def init_distributed(device: Optional[str]) -> tuple[Dist, torch.device]:
     return Dist(rank, world, local), resolved
 
 
-def close_distributed() -> None:
-    """Leave the process group (at exit, so that no rank is torn down mid-collective)."""
+def close_distributed(wait: bool = False) -> None:
+    """Leave the process group (at exit, so that no rank is torn down mid-collective). ``wait``
+    (a command that finished): first wait for every rank, so that a rank done early does not tear
+    its connections down while rank 0 still writes its results (a failed rank does not wait:
+    torchrun stops the others)."""
     if torch_dist.is_available() and torch_dist.is_initialized():
+        if wait:
+            torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 

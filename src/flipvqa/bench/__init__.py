@@ -60,7 +60,7 @@ from ..optim import base_lr, make_optimizer
 from ..quantize import quantize_backbone, weight_bytes
 from ..tokenizer import Tokenizer
 from .flops import count_tokens, train_flops
-from .machine import PeakMemory, device_name, gpu_peak_tflops, matmul_peak_gflops, sync
+from .machine import PeakMemory, device_name, gpu_peak_tflops, matmul_peak_gflops, sync, timed
 
 log = logging.getLogger(__name__)
 
@@ -175,14 +175,8 @@ def _phase(step: Callable[[Batch], None], batches: list[Batch], warmup: int, mem
     """Run the warm-up batches, then time the rest; returns (seconds, peak memory in MB)."""
     gc.collect()
     memory.start()
-    for batch in batches[:warmup]:
-        step(batch)
-    sync(device)
-    start = time.perf_counter()
-    for batch in batches[warmup:]:
-        step(batch)
-    sync(device)
-    return time.perf_counter() - start, memory.peak_mb()
+    seconds = timed(step, batches, warmup, device)
+    return seconds, memory.peak_mb()
 
 
 def train_step_fn(model: FlippedVQA, args: argparse.Namespace, device: torch.device,

@@ -31,7 +31,7 @@ from ..errors import FlipVQAError
 from ..model.flipped import FlippedVQA
 from ..model.generate import Sampling, generate
 from ..model.inputs import Batch
-from .machine import device_name, sync
+from .machine import device_name, timed
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,10 @@ def generate_bench(ns: argparse.Namespace, bench_model: Callable) -> dict:
                 generate(model, batch.video, batch.tasks["prompt"], sampling, cache=cache)
         return step
 
-    timings = {"cached": _timed(ours(True), batches, ns.warmup, device),
-               "naive": _timed(ours(False), batches, ns.warmup, device)}
+    timings = {"cached": timed(ours(True), batches, ns.warmup, device),
+               "naive": timed(ours(False), batches, ns.warmup, device)}
     hf = _hf_model(model, device, dtype)
-    timings["transformers"] = _timed(_hf_step(hf, args.max_new_tokens), batches, ns.warmup, device)
+    timings["transformers"] = timed(_hf_step(hf, args.max_new_tokens), batches, ns.warmup, device)
     tokens = args.batch_size * args.max_new_tokens * ns.steps
     rates = {f"{k}_tokens_per_s": tokens / s for k, s in timings.items()}
     shape = model.backbone.args
@@ -85,17 +85,6 @@ def _prompt_batches(args, tokenizer, n_batches: int, device: torch.device) -> li
                          name="synthetic")
     return [collate([dataset[i] for i in range(b * args.batch_size, (b + 1) * args.batch_size)])
             .part("prompt").to(device) for b in range(n_batches)]
-
-
-def _timed(step: Callable[[Batch], None], batches: list[Batch], warmup: int, device: torch.device) -> float:
-    for batch in batches[:warmup]:
-        step(batch)
-    sync(device)
-    start = time.perf_counter()
-    for batch in batches[warmup:]:
-        step(batch)
-    sync(device)
-    return time.perf_counter() - start
 
 
 def _hf_model(model: FlippedVQA, device: torch.device, dtype: torch.dtype):

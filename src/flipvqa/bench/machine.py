@@ -104,3 +104,15 @@ def gpu_peak_tflops(device: torch.device) -> Optional[float]:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(step, batches: list, warmup: int, device: torch.device) -> float:
+    """Run ``step`` on the first ``warmup`` batches untimed, then on the rest; their seconds."""
+    for batch in batches[:warmup]:
+        step(batch)
+    sync(device)
+    start = time.perf_counter()
+    for batch in batches[warmup:]:
+        step(batch)
+    sync(device)
+    return time.perf_counter() - start

@@ -39,7 +39,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -60,7 +59,7 @@ from ..optim import base_lr, make_optimizer
 from ..quantize import quantize_backbone, weight_bytes
 from ..tokenizer import Tokenizer
 from .flops import count_tokens, train_flops
-from .machine import PeakMemory, device_name, gpu_peak_tflops, matmul_peak_gflops, sync, timed
+from .machine import PeakMemory, device_name, gpu_peak_tflops, matmul_peak_gflops, timed
 
 log = logging.getLogger(__name__)
 

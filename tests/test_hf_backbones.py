@@ -133,8 +133,8 @@ def _folder_with(tmp_path: Path, src: Path, config: dict | None = None, tensors:
 @pytest.mark.parametrize("config, message", [
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "'yarn' is not supported"),
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}}, "needs low_freq_factor"),
-    ({"model_type": "qwen2"}, "'qwen2' is not supported (its q/k/v projections have biases)"),
-    ({"model_type": "gpt2"}, "'gpt2' is not supported; supported: llama, mistral"),
+    ({"model_type": "qwen3_moe"}, "'qwen3_moe' is not supported (it is a mixture of experts)"),
+    ({"model_type": "gpt2"}, "'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3"),
     ({"attention_bias": True}, "attention_bias=true is not supported"),
     ({"intermediate_size": 100}, "down_proj.weight has shape (64, 96), expected (64, 100) from config.json"),
 ])

@@ -103,11 +103,21 @@ def test_special_ids(toks, kind):
 def test_bos_eos_sources(tmp_path):
     raw = _train("bytelevel")
     s, e = raw.token_to_id("<s>"), raw.token_to_id("</s>")
-    # ids from the model files; generation configs may list several EOS ids
-    t = HFTokenizer(_folder(tmp_path / "ids", raw, {"config.json": {"bos_token_id": s, "eos_token_id": 7},
-                                                    "generation_config.json": {"eos_token_id": [e, 9]}})
+    # ids from the model files: config.json's EOS, and generation stops at every id the generation
+    # config lists as well
+    t = HFTokenizer(_folder(tmp_path / "ids", raw, {"config.json": {"bos_token_id": s, "eos_token_id": e},
+                                                    "generation_config.json": {"eos_token_id": [7, 9]}})
                     / "tokenizer.json")
-    assert (t.bos_id, t.eos_id) == (s, e)
+    assert (t.bos_id, t.eos_id) == (s, e) and t.stop_ids == (e, 7, 9)
+    t = HFTokenizer(_folder(tmp_path / "gen", raw, {"generation_config.json": {"eos_token_id": [e, 9]}})
+                    / "tokenizer.json")
+    assert (t.bos_id, t.eos_id) == (None, e)
+    # a tokenizer_config.json without bos_token (transformers' PreTrainedTokenizerFast writes none):
+    # no BOS, even though config.json carries a bos_token_id (as Qwen's does)
+    t = HFTokenizer(_folder(tmp_path / "qwen", raw, {"tokenizer_config.json": {"eos_token": "</s>"},
+                                                     "config.json": {"bos_token_id": s, "eos_token_id": 7}})
+                    / "tokenizer.json")
+    assert (t.bos_id, t.eos_id) == (None, e)
     # no file names BOS: none, and prompts start without it
     t = HFTokenizer(_folder(tmp_path / "nobos", raw, {"tokenizer_config.json": {"bos_token": None, "eos_token": "</s>"}})
                     / "tokenizer.json")

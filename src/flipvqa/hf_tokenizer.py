@@ -1,9 +1,9 @@
-"""Hugging Face ``tokenizer.json`` (Llama 3's byte-level BPE, converted SentencePiece models, ...)
-behind the :class:`flipvqa.tokenizer.Tokenizer` interface.
+"""Hugging Face ``tokenizer.json`` (Llama 3's and Qwen's byte-level BPE, converted SentencePiece
+models, ...) behind the :class:`flipvqa.tokenizer.Tokenizer` interface.
 
 BOS/EOS are not in ``tokenizer.json`` itself; they come from the files ``transformers`` writes
-beside it (see :data:`SPECIAL_SOURCES`). A model without a BOS token gets ``bos_id = None`` and
-its prompts start directly with the instruction (:mod:`flipvqa.prompts`).
+beside it (see :data:`TOKEN_FILES` and :data:`MODEL_FILES`). A model without a BOS token (Qwen's)
+gets ``bos_id = None`` and its prompts start directly with the instruction (:mod:`flipvqa.prompts`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from .io import read_json
 from .errors import FlipVQAError
 
 # Where BOS/EOS are looked up, in order; the first file that names the token decides (an explicit
-# null there means "none"). Token files give strings, model files give ids.
-SPECIAL_SOURCES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "config.json")
+# null there means "none"). Token files give strings, model files give ids. A model file is read for
+# BOS only when no token file is there: a tokenizer_config.json that names no bos_token describes a
+# tokenizer without one, as transformers reads it (Qwen's config.json still carries a bos_token_id).
+TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+MODEL_FILES = ("config.json", "generation_config.json")
 
 
 class HFTokenizer:
@@ -90,27 +92,27 @@ class HFTokenizer:
         return None, None
 
     def _special(self, which: str, fallback: Optional[int]) -> Optional[int]:
-        for name in SPECIAL_SOURCES:
-            file = self.path.parent / name
+        token_files = [self.path.parent / n for n in TOKEN_FILES if (self.path.parent / n).is_file()]
+        for file in token_files:
+            data = self._side_file(file)
+            key = f"{which}_token"
+            if key not in data:
+                continue
+            value: Any = data[key]
+            if isinstance(value, dict):  # a serialised AddedToken
+                value = value.get("content")
+            if value is None:
+                return None
+            token_id = self.tok.token_to_id(str(value))
+            if token_id is None:
+                raise FlipVQAError(f"{file}: {key} {value!r} is not in {self.path.name}")
+            return token_id
+        if which == "bos" and token_files:
+            return fallback
+        for file in (self.path.parent / n for n in MODEL_FILES):
             if not file.is_file():
                 continue
-            data = read_json(file)
-            if not isinstance(data, dict):
-                raise FlipVQAError(f"{file}: expected a JSON object")
-            if name.startswith(("tokenizer", "special")):
-                key = f"{which}_token"
-                if key not in data:
-                    continue
-                value: Any = data[key]
-                if isinstance(value, dict):  # a serialised AddedToken
-                    value = value.get("content")
-                if value is None:
-                    return None
-                token_id = self.tok.token_to_id(str(value))
-                if token_id is None:
-                    raise FlipVQAError(f"{file}: {key} {value!r} is not in {self.path.name}")
-                return token_id
-            key = f"{which}_token_id"
+            data, key = self._side_file(file), f"{which}_token_id"
             if key not in data:
                 continue
             value = data[key]
@@ -118,8 +120,14 @@ class HFTokenizer:
                 value = value[0] if value else None
             if value is None:
                 return None
-            if not isinstance(value, int) or not 0 <= value < self.n_words:
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.n_words:
                 raise FlipVQAError(f"{file}: {key} {value!r} is not a token id of {self.path.name}")
             return value
         return fallback
 
+    @staticmethod
+    def _side_file(file: Path) -> dict:
+        data = read_json(file)
+        if not isinstance(data, dict):
+            raise FlipVQAError(f"{file}: expected a JSON object")
+        return data

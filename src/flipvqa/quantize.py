@@ -46,7 +46,9 @@ def quantize_backbone(backbone: Transformer, mode: str, device: torch.device) ->
         for name in LINEARS:
             parent, _, child = name.rpartition(".")
             linear = block.get_submodule(name)
-            setattr(block.get_submodule(parent), child, quantize(linear.weight.detach(), f"layers.{i}.{name}"))
+            layer = quantize(linear.weight.detach(), f"layers.{i}.{name}")
+            layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+            setattr(block.get_submodule(parent), child, layer)
     for name, module in backbone.named_children():
         if name != "layers":
             module.to(device)
@@ -56,7 +58,7 @@ def quantize_backbone(backbone: Transformer, mode: str, device: torch.device) ->
 
 
 class FrozenQuantizedLinear(nn.Module):
-    """A bias-free linear layer with a frozen, quantized weight.
+    """A linear layer with a frozen, quantized weight (and a frozen bias, kept as it is: Qwen2's q/k/v).
 
     Its backward pass keeps only the quantized weight and dequantizes it again for the input's
     gradient. (A torchao int8 weight in a plain ``F.linear`` saves its dequantized copy for the
@@ -65,10 +67,12 @@ class FrozenQuantizedLinear(nn.Module):
     def __init__(self, weight: Tensor, dequantize: Callable[[Tensor], Tensor]):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias: nn.Parameter | None = None
         self.dequantize = dequantize
 
     def forward(self, x: Tensor) -> Tensor:
-        return _FrozenLinear.apply(x, self.weight, self.dequantize)
+        out = _FrozenLinear.apply(x, self.weight, self.dequantize)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
 class _FrozenLinear(torch.autograd.Function):

@@ -90,7 +90,14 @@ def block_linears(shape: ModelArgs) -> list[tuple[int, int]]:
 
 
 def block_params(shape: ModelArgs) -> int:
-    return sum(o * i for o, i in block_linears(shape)) + 2 * shape.dim  # + the two RMSNorm weights
+    """The linears, the two RMSNorm weights, and Qwen2's q/k/v biases or Qwen3's q/k norms."""
+    return sum(o * i for o, i in block_linears(shape)) + 2 * shape.dim + block_extras(shape)
+
+
+def block_extras(shape: ModelArgs) -> int:
+    """Qwen2's q/k/v biases and Qwen3's q/k norm weights: small, never quantized."""
+    biases = (shape.n_heads + 2 * shape.n_kv_heads) * shape.head_dim if shape.qkv_bias else 0
+    return biases + (2 * shape.head_dim if shape.qk_norm else 0)
 
 
 def outer_params(shape: ModelArgs) -> int:
@@ -133,7 +140,7 @@ def weight_bytes(shape: ModelArgs, mode: str, world_size: int = 1) -> int:
         return BF16 * (math.ceil(sharded / world_size) + whole + FSDP_UNSHARDED_BLOCKS * block_params(shape))
     linears = block_linears(shape)
     quantized = sum(quantized_linear_bytes(o, i, mode) for o, i in linears)
-    rest = BF16 * (2 * shape.dim * shape.n_layers + outer_params(shape))  # norms, embeddings, output
+    rest = BF16 * ((2 * shape.dim + block_extras(shape)) * shape.n_layers + outer_params(shape))  # norms, ...
     dequantized = BF16 * max(o * i for o, i in linears)  # the weight of the matmul running now
     return shape.n_layers * quantized + rest + dequantized
 
@@ -193,7 +200,8 @@ def estimate(shape: ModelArgs, mode: str, batch_size: int, seq_len: int, world_s
 
 
 # ---------------------------------------------------------------------------- the table
-ROWS = (("7B", "llama-7b"), ("13B", "llama-13b"), ("33B", "llama-33b"), ("70B", "llama-70b"))
+ROWS = (("7B", "llama-7b"), ("13B", "llama-13b"), ("33B", "llama-33b"), ("70B", "llama-70b"),
+        ("Qwen2.5-7B", "qwen2.5-7b"), ("Qwen3-8B", "qwen3-8b"), ("Qwen2.5-72B", "qwen2.5-72b"))
 COLUMNS = (("DDP (per GPU)", "ddp", 1), ("FSDP, 8 GPUs", "fsdp", 8), ("int8, 1 GPU", "int8", 1),
            ("nf4, 1 GPU", "nf4", 1))
 

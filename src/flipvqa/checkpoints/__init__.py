@@ -141,11 +141,24 @@ def build_model(args: argparse.Namespace, device: torch.device, tokenizer: Token
     dtype = DTYPES[args.dtype] if args.dtype else None
     if dtype is not None and device.type == "cpu" and dtype != torch.float32:
         log.warning("--dtype %s on CPU is slow; float32 is the default there", args.dtype)
-    backbone = build_backbone(backbone_folder(args), device, dtype, quantize=args.quantize, stage_on_cpu=args.fsdp)
+    folder = backbone_folder(args)
+    backbone = build_backbone(folder, device, dtype, quantize=args.quantize, stage_on_cpu=args.fsdp)
+    check_window(backbone.args, args, folder)
     if tokenizer.n_words > backbone.args.vocab_size:
         raise FlipVQAError(f"{args.tokenizer_path}: {tokenizer.n_words} tokens, more than the backbone's "
                            f"vocabulary of {backbone.args.vocab_size}")
     return wrap_backbone(backbone, args, device, feature_dim)
+
+
+def check_window(shape: ModelArgs, args: argparse.Namespace, folder: str | Path) -> None:
+    """The backbone computes full causal attention, which equals a sliding-window layer's only while
+    the whole sequence fits in the window: a longer run is refused rather than silently changed."""
+    longest = args.max_seq_len + (getattr(args, "max_new_tokens", None) or 0)
+    if shape.sliding_window is not None and longest > shape.sliding_window:
+        raise FlipVQAError(f"{Path(folder) / 'config.json'}: sliding-window attention over {shape.sliding_window} "
+                           f"tokens would be active at --max_seq_len {args.max_seq_len} + --max_new_tokens "
+                           f"{getattr(args, 'max_new_tokens', None) or 0} (flipvqa computes full attention); "
+                           f"lower them to {shape.sliding_window} tokens in all")
 
 
 def wrap_backbone(backbone: Transformer, args: argparse.Namespace, device: torch.device,

@@ -1,4 +1,5 @@
-"""Hugging Face backbones: ``config.json`` + safetensors (Llama 1/2/3, Mistral, TinyLlama, Vicuna).
+"""Hugging Face backbones: ``config.json`` + safetensors (Llama 1/2/3, Mistral, TinyLlama, Vicuna,
+Qwen2/2.5, Qwen3).
 
 :func:`load_hf` turns a folder written by ``transformers`` into Meta's parameter names and
 Meta's interleaved-pair rotary layout, so that :class:`flipvqa.model.llama.Transformer` needs one
@@ -39,11 +40,15 @@ NAME_MAP: dict[str, str] = {
     "model.norm.weight": "norm.weight",
     "lm_head.weight": "output.weight",
 }
-SUPPORTED_TYPES = ("llama", "mistral")
+# Qwen2's q/k/v biases and Qwen3's per-head q/k norms (read only where the family has them).
+BIAS_NAMES = {f"model.layers.{{}}.self_attn.{p}_proj.bias": f"layers.{{}}.attention.w{p}.bias" for p in "qkv"}
+QK_NORM_NAMES = {f"model.layers.{{}}.self_attn.{p}_norm.weight": f"layers.{{}}.attention.{p}_norm.weight"
+                 for p in "qk"}
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # Families that share the file layout but compute something the backbone does not.
 _UNSUPPORTED_WHY = {
-    "qwen2": "its q/k/v projections have biases",
-    "qwen3": "it normalises q and k per head",
+    "qwen2_moe": "it is a mixture of experts",
+    "qwen3_moe": "it is a mixture of experts",
     "gemma": "it scales embeddings and uses (1 + weight) norms and GeLU",
     "gemma2": "it soft-caps logits and alternates sliding-window layers",
     "phi3": "its q/k/v and gate/up projections are fused",
@@ -88,35 +93,57 @@ def hf_model_args(folder: str | Path) -> ModelArgs:
                            f"supported: {', '.join(SUPPORTED_TYPES)}")
     for flag in ("attention_bias", "mlp_bias"):
         if cfg.get(flag):
-            raise FlipVQAError(f"{path}: {flag}=true is not supported (the backbone has no biases)")
+            raise FlipVQAError(f"{path}: {flag}=true is not supported (only Qwen2's q/k/v biases are)")
     if cfg.get("hidden_act", "silu") != "silu":
         raise FlipVQAError(f"{path}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
 
-    def need(key: str) -> Any:
-        if cfg.get(key) is None:
-            raise FlipVQAError(f"{path}: missing '{key}'")
-        return cfg[key]
+    def need(key: str, why: str = "") -> Any:
+        value = cfg.get(key)
+        if value is None:
+            raise FlipVQAError(f"{path}: missing '{key}'{why}")
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise FlipVQAError(f"{path}: '{key}' must be a positive integer, not {value!r}")
+        return value
 
-    dim, n_heads = need("hidden_size"), need("num_attention_heads")
+    dim, n_heads, n_layers = need("hidden_size"), need("num_attention_heads"), need("num_hidden_layers")
+    n_kv_heads = need("num_key_value_heads") if cfg.get("num_key_value_heads") is not None else n_heads
+    # Qwen3 gives head_dim and heads * head_dim may differ from hidden_size; transformers' default
+    # for a Qwen3 file without it (128) is not hidden / heads, so it is not guessed.
+    head_dim = (need("head_dim", " (Qwen3 gives it; heads * head_dim need not be hidden_size)")
+                if kind == "qwen3" else cfg.get("head_dim") or dim // n_heads)
+    if head_dim % 2 or n_heads % n_kv_heads:
+        raise FlipVQAError(f"{path}: head_dim {head_dim} must be even and num_attention_heads {n_heads} a "
+                           f"multiple of num_key_value_heads {n_kv_heads}")
     theta, scaling = _rope(cfg, path)
-    # Mistral's sliding_window (4096) is ignored: Flipped-VQA sequences are far shorter, and
-    # within the window sliding-window attention is ordinary causal attention.
     return ModelArgs(
-        dim=dim, n_layers=need("num_hidden_layers"), n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        head_dim=cfg.get("head_dim") or dim // n_heads,
+        dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
         vocab_size=need("vocab_size"), hidden_dim=need("intermediate_size"),
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=kind == "qwen2", qk_norm=kind == "qwen3", sliding_window=_sliding_window(cfg, kind, n_layers))
+
+
+def _sliding_window(cfg: dict, kind: str, n_layers: int) -> int | None:
+    """The attention window of the layers that have one, as ``transformers`` reads the file: every
+    Mistral layer (4096 when the key is absent); Qwen layers only with ``use_sliding_window``, those
+    ``layer_types`` marks (else from ``max_window_layers`` on). None: all layers attend to all."""
+    if kind == "mistral":
+        return cfg.get("sliding_window", 4096)
+    if kind not in ("qwen2", "qwen3") or not cfg.get("use_sliding_window") or cfg.get("sliding_window") is None:
+        return None
+    types = cfg.get("layer_types") or ["sliding_attention" if i >= cfg.get("max_window_layers", 28) else "full"
+                                       for i in range(n_layers)]
+    return cfg["sliding_window"] if "sliding_attention" in types else None
 
 
 def _unpermute(w: Tensor, n_heads: int) -> Tensor:
-    """Undo the conversion script's q/k row permutation.
+    """Undo the conversion script's q/k row permutation (of a weight, a bias or a per-head norm).
 
     HF stores each head's rows as ``[pair 0 first halves..., pair 0 second halves...]`` for its
-    rotate-half rotary; Meta's interleaved rotary wants rows ``(2i, 2i+1)`` side by side."""
-    rows, cols = w.shape
-    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+    rotate-half rotary; Meta's interleaved rotary wants rows ``(2i, 2i+1)`` side by side. A bias
+    or a q/k norm weight lives in the same rows, so it is reordered the same way."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, -1).transpose(1, 2).reshape(w.shape)
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -166,13 +193,14 @@ def load_hf(folder: str | Path) -> tuple[ModelArgs, dict[str, Tensor]]:
     ``args.tie_embeddings`` is set): :func:`flipvqa.checkpoints.build_backbone` ties it."""
     folder = Path(folder)
     args = hf_model_args(folder)
-    names = {hf.format(i): meta.format(i) for hf, meta in NAME_MAP.items()
+    name_map = {**NAME_MAP, **(BIAS_NAMES if args.qkv_bias else {}), **(QK_NORM_NAMES if args.qk_norm else {})}
+    names = {hf.format(i): meta.format(i) for hf, meta in name_map.items()
              for i in (range(args.n_layers) if "{}" in hf else [0])}
     if args.tie_embeddings:
         names.pop("lm_head.weight")
     with torch.device("meta"):  # exact shapes at no memory cost
         shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
-    heads = {"wq": args.n_heads, "wk": args.n_kv_heads}
+    heads = {"wq": args.n_heads, "wk": args.n_kv_heads, "q_norm": 1, "k_norm": 1}
     state: dict[str, Tensor] = {}
     for path, keys, get in _open_weights(folder):
         for name in keys:
@@ -181,13 +209,13 @@ def load_hf(folder: str | Path) -> tuple[ModelArgs, dict[str, Tensor]]:
             meta = names.get(name)
             if meta is None:
                 raise FlipVQAError(f"{path}: unexpected weight {name!r} for a {args.n_layers}-layer "
-                                   f"LLaMA-family model")
+                                   f"{_family(args)} model")
             if meta in state:
                 raise FlipVQAError(f"{path}: weight {name!r} appears in more than one file")
             w = get(name)
             if w.shape != shapes[meta]:
                 raise FlipVQAError(f"{path}: {name} has shape {tuple(w.shape)}, expected "
-                                   f"{tuple(shapes[meta])} from config.json")
+                                   f"{tuple(shapes[meta])} from config.json{_shape_hint(meta, args)}")
             kind = meta.split(".")[-2]
             state[meta] = _unpermute(w, heads[kind]) if kind in heads else w
     missing = [hf for hf, meta in names.items() if meta not in state]
@@ -195,6 +223,18 @@ def load_hf(folder: str | Path) -> tuple[ModelArgs, dict[str, Tensor]]:
         raise FlipVQAError(f"{folder}: weight {missing[0]!r} is missing from the weight files"
                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     return args, state
+
+
+def _family(args: ModelArgs) -> str:
+    return "Qwen2" if args.qkv_bias else "Qwen3" if args.qk_norm else "LLaMA-family"
+
+
+def _shape_hint(meta: str, args: ModelArgs) -> str:
+    """Where an attention weight's expected shape comes from, when head_dim is the likely culprit."""
+    if ".attention." not in meta:
+        return ""
+    return (f" (num_attention_heads {args.n_heads}, num_key_value_heads {args.n_kv_heads}, "
+            f"head_dim {args.head_dim}: does head_dim fit the weights?)")
 
 
 # ---------------------------------------------------------------------------- hub ids

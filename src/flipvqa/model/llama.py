@@ -1,7 +1,9 @@
-"""A compact LLaMA-family decoder (LLaMA 1/2/3, Mistral, TinyLlama, ...).
+"""A compact LLaMA-family decoder (LLaMA 1/2/3, Mistral, TinyLlama, Qwen2/2.5, Qwen3, ...).
 
 Pre-norm residual blocks with RMSNorm, rotary position embeddings, SwiGLU feed-forward and
-(grouped-query) attention through ``scaled_dot_product_attention``.
+(grouped-query) attention through ``scaled_dot_product_attention``. Two switches cover the Qwen
+families: ``qkv_bias`` (Qwen2's q/k/v projections have biases) and ``qk_norm`` (Qwen3 normalises
+each head's q and k with an RMSNorm over ``head_dim`` before rotary).
 
 Rotary layout: this module uses **Meta's interleaved pairs** -- dimensions ``(2i, 2i+1)`` of each
 head rotate together. Hugging Face checkpoints store q/k rows permuted for the rotate-half form;
@@ -39,6 +41,12 @@ class ModelArgs:
     rope_scaling: Optional[dict] = field(default=None)
     head_dim: Optional[int] = None  # None: dim // n_heads
     tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: wq, wk, wv have biases (wo has none)
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm of q and k (weights of head_dim) before rotary
+    # The smallest sliding-window attention span of any layer, None if every layer attends to the
+    # whole sequence. The backbone computes full causal attention: it is exact only for sequences
+    # no longer than the window (checked against the run's lengths, flipvqa.checkpoints).
+    sliding_window: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -60,6 +68,13 @@ SHAPES: dict[str, ModelArgs] = {
     # LLaMA 2 70B: grouped-query attention (8 key/value heads), feed-forward 28672.
     "llama-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3,
                            multiple_of=4096),
+    # Qwen2.5 7B / 72B (q/k/v biases, GQA) and Qwen3 8B (q/k norms, head_dim 128), their vocabularies.
+    "qwen2.5-7b": ModelArgs(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, hidden_dim=18944, vocab_size=152064,
+                            rope_theta=1e6, qkv_bias=True),
+    "qwen3-8b": ModelArgs(dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=12288,
+                          vocab_size=151936, rope_theta=1e6, qk_norm=True),
+    "qwen2.5-72b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=29568, vocab_size=152064,
+                             rope_theta=1e6, qkv_bias=True),
     "bench-512": ModelArgs(dim=512, n_layers=8, n_heads=8),
     "bench-128": ModelArgs(dim=128, n_layers=2, n_heads=2),  # benchmarks/gpu.sh --dry-run
 }
@@ -123,10 +138,12 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         # naive: the reference's hand-written attention (one score matrix over prompt and sequence,
         # mask add, two softmaxes) instead of the fused kernel; for benchmarks, same numbers.
         self.naive = False
@@ -155,7 +172,7 @@ class Attention(nn.Module):
         Returns the output and this call's full keys/values (for reuse as a prefix).
         """
         bsz, seqlen, _ = x.shape
-        q = apply_rope(self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim), *rope).transpose(1, 2)
+        q = apply_rope(self._heads(self.wq, self.q_norm, x, self.n_heads), *rope).transpose(1, 2)
         k, v = self.kv(x, rope)  # (batch, heads, seq, head_dim)
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)
@@ -178,10 +195,14 @@ class Attention(nn.Module):
 
     def kv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """Keys (rotated) and values (batch, kv_heads, seq, head_dim) of ``x``."""
-        bsz, seqlen, _ = x.shape
-        k = apply_rope(self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim), *rope)
-        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        k = apply_rope(self._heads(self.wk, self.k_norm, x, self.n_kv_heads), *rope)
+        v = self._heads(self.wv, None, x, self.n_kv_heads)
         return k.transpose(1, 2), v.transpose(1, 2)
+
+    def _heads(self, proj: nn.Module, norm: Optional[RMSNorm], x: Tensor, heads: int) -> Tensor:
+        """``proj(x)`` split into heads (batch, seq, heads, head_dim), each normalised by ``norm``."""
+        out = proj(x).unflatten(-1, (heads, self.head_dim))
+        return out if norm is None else norm(out)
 
     def _naive_attention(self, q, k, v, mask, prompt, gate) -> tuple[Tensor, Tensor]:
         """(output, the sequence softmax) of the reference's explicit computation."""
@@ -205,13 +226,13 @@ class Attention(nn.Module):
         return torch.matmul(probs, v), probs
 
     def prompt_kv(self, prompt: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """Prompt keys/values (1, heads, prompt_len, head_dim) through this layer's wk/wv, no rotary
-        (a pair already computed is returned as it is)."""
+        """Prompt keys/values (1, heads, prompt_len, head_dim) through this layer's own key/value
+        path (wk/wv with their biases, then k_norm) but without rotary; a pair already computed is
+        returned as it is."""
         if isinstance(prompt, tuple):
             return prompt
-        plen = prompt.shape[0]
-        pk = self.wk(prompt).view(1, plen, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        pv = self.wv(prompt).view(1, plen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        pk = self._heads(self.wk, self.k_norm, prompt[None], self.n_kv_heads).transpose(1, 2)
+        pv = self._heads(self.wv, None, prompt[None], self.n_kv_heads).transpose(1, 2)
         rep = self.n_heads // self.n_kv_heads  # query head h uses kv head h // rep (transformers' repeat_kv)
         return pk.repeat_interleave(rep, dim=1), pv.repeat_interleave(rep, dim=1)
 

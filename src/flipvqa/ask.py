@@ -67,6 +67,7 @@ class Answer:
     ranked: list[tuple[str, float, float]]  # (choice, probability, mean cross-entropy), best first
     frame_attention: list[float] = field(default_factory=list)  # per video slot, sums to <= 1
     n_frames: int = 0
+    scores: list[float] = field(default_factory=list)  # mean cross-entropy per choice, in the given order
 
     def to_dict(self) -> dict:
         return {"choice": self.choice, "index": self.index, "n_frames": self.n_frames,
@@ -177,7 +178,8 @@ class Answerer:
             probs = torch.softmax(-row, dim=0)
             order = probs.argsort(descending=True).tolist()
             answers.append(Answer(choices[order[0]], order[0],
-                                  [(choices[i], probs[i].item(), row[i].item()) for i in order], n_frames=frames))
+                                  [(choices[i], probs[i].item(), row[i].item()) for i in order], n_frames=frames,
+                                  scores=row.tolist()))
         if explain:
             for answer, weights in zip(answers, frame_attentions(self.model, batch, [a.index for a in answers])):
                 answer.frame_attention = weights

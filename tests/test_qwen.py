@@ -317,7 +317,7 @@ def test_sliding_window_active_at_the_run_length_is_refused(saved, tmp_path, cap
     inactive = _edited(tmp_path / "off", src, use_sliding_window=False, sliding_window=64)
     assert hf_model_args(inactive).sliding_window is None
     root = write_dataset(tmp_path / "data")
-    code = main(["eval", *flags(folder, root), "--output_dir", str(tmp_path / "ev")])
+    code = main(["eval", *flags(folder, root), "--untrained", "--output_dir", str(tmp_path / "ev")])
     err = capsys.readouterr().err
     assert code == 2 and "sliding-window attention over 64 tokens" in err and "--max_seq_len 128" in err
     assert "Traceback" not in err

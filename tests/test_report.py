@@ -338,7 +338,7 @@ MALFORMED = {
                      "predictions_val.jsonl: entry 1 has malformed 'scores'"),
     "run_json": (_bad_line("run.json", "[1, 2]"), "run.json: expected a JSON object"),
     "run_args": (_bad_line("run.json", '{"options": {}}'), "run.json: no 'args' object"),
-    "checkpoint": (_bad_line("checkpoint_best.pth", "not a checkpoint"), "checkpoint_best.pth: cannot read checkpoint"),
+    "checkpoint": (_bad_line("checkpoint_best.pth", "not a checkpoint"), "checkpoint_best.pth: not a PyTorch file"),
 }
 
 

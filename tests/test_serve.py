@@ -240,7 +240,7 @@ def test_bad_requests_get_one_line_errors(server, examples):
 def test_page_is_self_contained(server):
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    for name in ("app.js", "words.js", "style.css"):
+    for name in ("app.js", "words.js", "token.js", "style.css"):
         asset = httpx.get(f"{server.url}/static/{name}")
         assert asset.status_code == 200 and name in page.text
         assert "http://" not in asset.text and "https://" not in asset.text and "@import" not in asset.text
@@ -422,15 +422,17 @@ def test_free_questions_equal_the_library_streamed_and_batched(server, examples,
 
 
 @contextlib.contextmanager
-def app_server(backend):
-    """The app on a free port, served by uvicorn in a thread of this process."""
+def app_server(backend, token=None):
+    """The app (with ``token``: behind that access token) on a free port, served by uvicorn in a
+    thread of this process."""
     import uvicorn
 
     from flipvqa.serve.app import create_app
     from flipvqa.serve.launch import free_port
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(backend), host="127.0.0.1", port=port, log_level="warning"))
+    config = uvicorn.Config(create_app(backend, token), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import json
 import logging
@@ -10,11 +11,11 @@ import os
 import sys
 from typing import Callable, Optional
 
+# Nothing imported here may import torch: the import takes seconds, and a Ctrl-C during it must
+# reach main()'s handler ("flipvqa: interrupted"), not print a traceback.
 from . import __version__
 from .config import PRESETS, add_run_arguments, ignored_training_flags, resolve, with_stored_options
-from .errors import FlipVQAError
-from .io import show_progress
-from .runstate import Interrupted
+from .errors import FlipVQAError, Interrupted
 
 log = logging.getLogger("flipvqa")
 
@@ -84,6 +85,33 @@ PLUGINS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line naming the command, plus where its flags are listed (argparse would
+    print the whole usage block first, which buries the line that matters)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _unrecognized(parser: argparse.ArgumentParser, argv: list[str], extra: list[str]) -> str:
+    """The one line for flags the command does not take: its name and the closest flag it has."""
+    command = parser
+    for arg in argv:  # the deepest sub-command named in argv ("flipvqa data check")
+        sub = next((a for a in command._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None:
+            break
+        if arg in sub.choices:
+            command = sub.choices[arg]
+    flags = [o for a in command._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for arg in extra:
+        close = difflib.get_close_matches(arg.split("=")[0], flags, n=1, cutoff=0.6) if arg.startswith("-") else []
+        if close:
+            hints.append(f"{arg.split('=')[0]}: did you mean {close[0]}?")
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    return f"{command.prog}: error: unrecognized arguments: {' '.join(extra)}{hint} (see {command.prog} --help)"
+
+
 def _quiet_flag(parser: argparse.ArgumentParser, default) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", default=default,
                         help="only warnings and errors, no progress bars")
@@ -92,7 +120,7 @@ def _quiet_flag(parser: argparse.ArgumentParser, default) -> None:
 def build_parser(argv: Optional[list[str]] = None) -> argparse.ArgumentParser:
     """The parser; a plugin command's own flags are added only when ``argv`` runs it."""
     command = next((a for a in (argv or []) if not a.startswith("-")), None)
-    parser = argparse.ArgumentParser(prog="flipvqa", description=DESCRIPTION)
+    parser = Parser(prog="flipvqa", description=DESCRIPTION)
     _quiet_flag(parser, False)
     parser.add_argument("--version", action="version", version=f"flipvqa {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -131,7 +159,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     finished = False
     try:
-        ns = build_parser(argv).parse_args(argv)
+        from .io import show_progress  # imports torch: inside the try, for Ctrl-C
+
+        parser = build_parser(argv)
+        ns, extra = parser.parse_known_args(argv)
+        if extra:
+            print(_unrecognized(parser, argv, extra), file=sys.stderr)
+            return 2
         worker = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 talks
         level = logging.ERROR if worker else logging.WARNING if ns.quiet else logging.INFO
         logging.basicConfig(level=level, format="%(message)s", force=True)
@@ -150,7 +184,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("flipvqa: interrupted", file=sys.stderr)
         return 130
     finally:
-        if "torch.distributed" in sys.modules:  # a torchrun worker: leave the group cleanly
+        if "flipvqa.devices" in sys.modules:  # it set up torch.distributed: leave the group cleanly
             from .devices import close_distributed
 
             close_distributed(wait=finished)

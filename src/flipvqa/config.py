@@ -22,8 +22,10 @@ RUNS = ("train", "eval", "bench")  # dataset runs
 CHECK = ("check",)  # flipvqa data check: the data and the tokenizer, never the backbone
 
 
-def _opt(default, help: str, used_by: tuple[str, ...] = RUNS, **kw):
-    return field(default=default, metadata={"help": help, "used_by": used_by, **kw})
+def _opt(default, help: str, used_by: tuple[str, ...] = RUNS, helps: Optional[dict[str, str]] = None, **kw):
+    """A run option: its default, its help (``helps``: another wording for some commands) and the
+    commands that take it."""
+    return field(default=default, metadata={"help": help, "used_by": used_by, "helps": helps or {}, **kw})
 
 
 @dataclass
@@ -64,13 +66,23 @@ class RunConfig:
     weight_decay: float = _opt(0.05, "AdamW weight decay (tensors with ndim > 1)", ("train", "bench"))
     # run
     output_dir: str = _opt("./output_dir", "where checkpoints, log.txt and predictions go", ("train", "eval"))
-    resume: str = _opt("", "checkpoint to load (the authors' or ours); train continues from it when it has "
-                           "optimizer state; train --resume auto continues <output_dir>/checkpoint_last.pth "
-                           "when there is one", ("train", "eval", "ask"))
+    resume: str = _opt("", "checkpoint to start from (the authors' or ours); training continues from it when it "
+                           "has optimizer state; --resume auto continues <output_dir>/checkpoint_last.pth "
+                           "when there is one", ("train", "eval", "ask"),
+                       helps={"eval": "the checkpoint to evaluate (the authors' or ours); the model options it "
+                                      "was trained with are used unless given",
+                              "ask": "the checkpoint to answer with (the authors' or ours); the model options "
+                                     "it was trained with are used unless given",
+                              "serve": "the checkpoint to serve (the authors' or ours; default: the bundled demo "
+                                       "model)"})
     save_every: int = _opt(500, "also save checkpoint_last.pth every N optimizer steps (0: at epoch ends only)",
                            ("train",))
     overwrite: bool = _opt(False, "start over in an --output_dir that holds an earlier run (removes its files)",
-                           ("train",))
+                           ("train", "eval"),
+                           helps={"eval": "replace predictions_<split>.jsonl when --output_dir already holds one "
+                                          "(a finished run's, or an earlier evaluation's)"})
+    untrained: bool = _opt(False, "evaluate without --resume: freshly initialised Flipped-VQA weights on the "
+                                  "frozen backbone (zero gates: a baseline, not a trained model)", ("eval",))
     skip_nonfinite: int = _opt(0, "skip up to N batches whose loss is not finite (default: stop at the first)",
                                ("train",))
     tensorboard: bool = _opt(False, "also write TensorBoard event files under <output_dir>/tensorboard", ("train",))
@@ -149,18 +161,31 @@ def ignored_training_flags(ns: argparse.Namespace) -> list[str]:
     return [f"--{name}" for name in TRAINING_ONLY if getattr(ns, name, None) is not None]
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """Add the :class:`RunConfig` fields that ``command`` uses as ``--name``. Defaults are left
-    unset (None) here so that :func:`resolve` can tell an explicit flag from a preset value."""
+def _default_note(f: dataclasses.Field, shown_as: str) -> str:
+    """How a flag's help states its default: where a checkpoint supplies the value, that first."""
+    if f.default in (None, "") or "(default:" in f.metadata["help"]:
+        return ""
+    if f.name in MODEL_OPTIONS and shown_as == "serve":
+        return " (default: the --resume checkpoint's; without --resume, the demo model's)"
+    if f.name in MODEL_OPTIONS and shown_as in ("eval", "ask"):
+        return f" (default: the --resume checkpoint's, else {f.default})"
+    return f" (default: {f.default})"
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, command: str, shown_as: Optional[str] = None) -> None:
+    """Add the :class:`RunConfig` fields that ``command`` uses as ``--name`` (their help worded for
+    ``shown_as``, default ``command``: serve takes ask's flags). Defaults are left unset (None)
+    here so that :func:`resolve` can tell an explicit flag from a preset value."""
+    shown_as = shown_as or command
     for f in dataclasses.fields(RunConfig):
         if command not in f.metadata["used_by"]:
             continue
-        flag, help_text = f"--{f.name}", f.metadata["help"].replace("%", "%%")  # argparse formats help with %
+        help_text = f.metadata["helps"].get(shown_as, f.metadata["help"])
+        flag, help_text = f"--{f.name}", help_text.replace("%", "%%")  # argparse formats help with %
         if f.type in ("bool", bool):
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
             continue
-        if f.default is not None and "(default:" not in help_text:
-            help_text += f" (default: {f.default})"
+        help_text += _default_note(f, shown_as)
         kind = {"int": int, "float": float}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
         extra = {"choices": sorted(PRESETS), "metavar": "NAME"} if f.name == "preset" else {}
         parser.add_argument(flag, type=kind, default=None, help=help_text, **extra)

@@ -9,3 +9,11 @@ and exits with status 2 instead of showing a traceback.
 class FlipVQAError(Exception):
     """An error caused by the user's input, reported as a single line."""
 
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGTERM/SIGINT after saving its state; ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code

@@ -13,6 +13,7 @@ from . import data
 from .checkpoints import build_model, load_checkpoint, load_trainable, run_tokenizer
 from .checkpoints.trainable import expected_feature_dim
 from .devices import autocast, init_distributed, seed_everything
+from .errors import FlipVQAError
 from .io import write_jsonl
 from .loops import answering, eval_loader, score_split
 from .metrics import accuracy, per_type_accuracy
@@ -54,9 +55,22 @@ def open_ended_summary(rows: list[dict]) -> dict | None:
     return summary
 
 
+def check_outputs(args: argparse.Namespace, has_checkpoint: bool) -> None:
+    """Before anything loads: scoring untrained weights must be asked for, and an earlier
+    run's or evaluation's predictions are not replaced silently."""
+    if not has_checkpoint and not args.untrained:
+        raise FlipVQAError("no --resume checkpoint: give the checkpoint to evaluate, or --untrained to score "
+                           "freshly initialised Flipped-VQA weights (a baseline, not a trained model)")
+    path = Path(args.output_dir) / f"predictions_{args.split}.jsonl" if args.output_dir else None
+    if path is not None and path.exists() and not args.overwrite:
+        raise FlipVQAError(f"{path} exists (a finished run's or an earlier evaluation's predictions): pass "
+                           f"--overwrite to replace it, or choose another --output_dir")
+
+
 def evaluate(args: argparse.Namespace, ckpt: Optional[dict] = None) -> dict:
     """Returns {"accuracy" (None for a split without answers), "per_type", "n", "predictions":
     path or None, "open_ended": :func:`open_ended_summary`}. ``ckpt``: the ``--resume`` file's dict when it was read already."""
+    check_outputs(args, has_checkpoint=bool(args.resume) or ckpt is not None)
     dist, device = init_distributed(args.device)
     seed_everything(args.seed)
     tokenizer = run_tokenizer(args)  # cheap checks before the backbone loads
@@ -69,7 +83,7 @@ def evaluate(args: argparse.Namespace, ckpt: Optional[dict] = None) -> dict:
     if ckpt is not None:
         load_trainable(model, args.resume, ckpt)
     else:
-        log.warning("no --resume checkpoint: evaluating freshly initialised Flipped-VQA weights")
+        log.warning("--untrained: evaluating freshly initialised Flipped-VQA weights")
     amp = autocast(device, model.backbone.tok_embeddings.weight.dtype)
     rows = score_split(model, eval_loader(dataset, args.batch_size, args.num_workers, dist), device, amp, dist,
                        desc=f"eval {args.split}", lockstep=sharded, answering=answering(args, tokenizer))

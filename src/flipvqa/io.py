@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -99,7 +100,25 @@ def load_tensors(path: str | os.PathLike, what: str, allowed_globals: Optional[l
                     pass
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and I/O errors all mean "cannot read it safely"
-        raise FlipVQAError(f"{path}: cannot read {what} safely ({first_line(exc)})") from None
+        raise FlipVQAError(f"{path}: {_why_unreadable(path, what, exc)}") from None
+
+
+def _why_unreadable(path: Path, what: str, exc: Exception) -> str:
+    """What is wrong with a file ``torch.load`` refused, in words: empty, not a PyTorch file at all,
+    Python objects beyond tensors (not unpickled, on purpose), or damaged."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return f"the {what} file is empty (0 bytes): a copy or download that did not finish?"
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or the legacy pickle
+        shown = head[:24].decode("utf-8", "replace").split("\n")[0]
+        return f"not a PyTorch file (it starts with {shown!r}); {what} files are written by torch.save"
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    if found or "weights only" in str(exc).lower().replace("_", " "):
+        name = f" ({found.group(1)})" if found else ""
+        return (f"it holds Python objects other than tensors{name}, which are not unpickled (loading them "
+                f"could run code); only tensors, numbers and containers are read")
+    return f"cannot read {what}: the file looks damaged or truncated ({first_line(exc)[:160]})"
 
 
 # ---------------------------------------------------------------------------- writing

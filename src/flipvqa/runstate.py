@@ -25,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .errors import FlipVQAError
+from .errors import FlipVQAError, Interrupted  # noqa: F401 (Interrupted: re-exported)
 from .io import read_jsonl, save_torch, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -48,14 +48,6 @@ class Progress:
     best_acc: float = 0.0
     best_epoch: Optional[int] = None
     world_size: int = 1
-
-
-class Interrupted(Exception):
-    """A run stopped by SIGTERM/SIGINT after saving its state; ``code`` is the exit status."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
 
 
 # ---------------------------------------------------------------------------- the state file

@@ -55,10 +55,16 @@ def default_tokenizer_path(llama_model_path: str | Path, model: str) -> str:
 def run_tokenizer(args: argparse.Namespace) -> Tokenizer:
     """The tokenizer of the run's backbone; sets ``args.tokenizer_path`` to the file used (the
     checkpoint's args record it)."""
-    if args.tokenizer_path is None:
+    derived = args.tokenizer_path is None
+    if derived:
         args.tokenizer_path = default_tokenizer_path(args.llama_model_path, args.model)
     if not Path(args.tokenizer_path).exists() and args.model.count("/") == 1:
         args.tokenizer_path = default_tokenizer_path(backbone_folder(args), "")  # a hub id's files
+    if derived and not Path(args.tokenizer_path).exists():
+        raise FlipVQAError(f"{args.tokenizer_path}: tokenizer file not found (looked for by --llama_model_path "
+                           f"{args.llama_model_path} and --model {args.model}: pass the folder that holds your "
+                           f"backbone with those two flags, or --model <a backbone folder or hub id>, or "
+                           f"--tokenizer_path <file>)")
     return load_tokenizer(args.tokenizer_path)
 
 

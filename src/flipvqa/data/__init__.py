@@ -77,6 +77,9 @@ def weighted_groups(dataset: str) -> bool:
 def dataset_root(data_path: str | Path, dataset: str) -> Path:
     """``<data_path>/<dataset>/``; a name that is neither built in nor a folder there is an error."""
     root = Path(data_path) / dataset
+    if not Path(data_path).is_dir():
+        raise FlipVQAError(f"{data_path}: --data_path folder not found (it holds one folder per dataset: "
+                           f"{Path(data_path) / dataset}/ for --dataset {dataset})")
     if not root.is_dir():
         if not is_builtin(dataset):
             raise FlipVQAError(f"unknown dataset {dataset!r}: not one of the built-in {', '.join(READERS)}, "

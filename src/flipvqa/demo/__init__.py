@@ -107,7 +107,8 @@ def train_and_evaluate(variant: Variant, data_path: Path, output_dir: Path, seed
     if trained["best_epoch"] is None:  # no epoch above 0 accuracy: nothing was saved
         return {"train": trained, "eval": {"accuracy": 0.0, "per_type": {}, "n": 0, "predictions": None,
                                            "open_ended": None}, "checkpoint": None}
-    args.resume, args.split = str(out / "checkpoint_best.pth"), "val"
+    # the best checkpoint's predictions replace those of the last epoch that training wrote there
+    args.resume, args.split, args.overwrite = str(out / "checkpoint_best.pth"), "val", True
     return {"train": trained, "eval": evaluate(args), "checkpoint": args.resume}
 
 

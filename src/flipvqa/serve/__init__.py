@@ -5,9 +5,12 @@ or in words.
     flipvqa serve --resume checkpoint_best.pth --llama_model_path pretrained/llama/ --model 7B \\
         --clip_model clip-vit-large-patch14/ --features clipvitl14.pth
 
-The API (every error is ``{"error": "<one line>"}`` with a 4xx status, or 500 for a server bug):
+The API (every error is ``{"error": "<one line>"}`` with a 4xx status, or 500 for a server bug;
+with ``--token``/``FLIPVQA_TOKEN`` every route but ``/api/health`` needs ``Authorization: Bearer
+<token>``, else 401):
 
-* ``GET /api/health``: ``{"status": "ok", "model", "checkpoint", ...}``, the multiple-choice batch
+* ``GET /api/health``: ``{"status": "ok", "model", "checkpoint", "max_seq_len", "max_choices" (the
+  most choices that fit the model, one-word ones), "token_required", ...}``, the multiple-choice batch
   counters (``batches``, ``questions``, ``largest_batch``) and ``generation``: the sampling
   defaults (``max_new_tokens``, ``temperature``, ``top_p``, ``seed``), the counters of the
   answers in words and ``cancelled`` (streams whose client went away before their answer);
@@ -58,6 +61,7 @@ DEPENDENCIES = (fastapi, uvicorn, _multipart)
 
 from ..config import add_run_arguments
 from ..errors import FlipVQAError
+from .auth import access_token, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; "
                                                             "0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    parser.add_argument("--token", help="access token: every API route but /api/health then needs the header "
+                                        "'Authorization: Bearer TOKEN' (the page asks for it once). "
+                                        "FLIPVQA_TOKEN in the environment does the same, out of the process list")
     parser.add_argument("--features", help="a clipvitl14.pth-style file: each of its videos is offered as an "
                                            "example to ask your own questions about")
     parser.add_argument("--clip_model", help="local folder (or hub id) of CLIP ViT-L/14, to answer about "
@@ -96,11 +103,15 @@ def run(ns: argparse.Namespace) -> int:
     if not 0 < ns.port < 65536:
         raise FlipVQAError(f"--port must be in 1..65535 (got {ns.port})")
     settings = sampling(ns)
+    token = access_token(ns.token)
+    if token is None and not is_loopback(ns.host):
+        log.warning("warning: --host %s answers anyone who can reach it, uploads included: give --token (or "
+                    "FLIPVQA_TOKEN) to require an access token", ns.host)
     check_port(ns.host, ns.port)  # before loading the model, which can take minutes
     backend = load_backend(ns, settings)
     from .app import create_app
 
-    app = create_app(backend)
+    app = create_app(backend, token)
     log.info("serving %s (%s) on http://%s:%d", backend.checkpoint, backend.answerer.args.model, ns.host, ns.port)
     try:
         uvicorn.run(app, host=ns.host, port=ns.port, log_level="warning" if ns.quiet else "info",

@@ -3,7 +3,9 @@
 Every error is a JSON object ``{"error": "<one line>"}``: 4xx for a bad request (the message says
 what to fix), 500 for a bug in the server (the traceback goes to the server's log, never to the
 client). The routes are ``async`` and wait on the batch queues' futures, so a thousand waiting
-requests hold no threads; decoding an upload runs in the thread pool.
+requests hold no threads; decoding an upload runs in the thread pool. Bodies are read within their
+limits (:mod:`flipvqa.serve.body`), chunked ones too; with an access token every API route but
+``/api/health`` is behind :class:`~flipvqa.serve.auth.TokenGate`.
 
 ``/api/ask/stream`` answers a free question as Server-Sent Events: ``token`` events as the model
 generates them, then ``done`` with what ``/api/ask`` returns (or ``error``). The response starts
@@ -17,12 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,23 +33,25 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..errors import FlipVQAError
-from .backend import Backend, RequestError, Upload
+from .auth import TokenGate
+from .backend import Backend, Upload
 from .batching import QueueFull
+from .body import FORM_SLACK, BodyTooLarge, read_form, read_json
+from .checks import RequestError, one_line
 from .words import FIELDS, SettingsError, TokenSink, form_settings, sse
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
-PAGE_FILES = {"app.js": "text/javascript", "words.js": "text/javascript", "style.css": "text/css"}
-MAX_JSON_BYTES = 1 << 20
-FORM_SLACK = 1 << 20  # what a multipart body may hold besides the video (fields, subtitles)
+PAGE_FILES = {"app.js": "text/javascript", "words.js": "text/javascript", "token.js": "text/javascript",
+              "style.css": "text/css"}
 API = "GET /api/health, GET /api/examples, POST /api/ask, POST /api/ask/stream"
 # No caching, and no buffering by a proxy (nginx): each event goes out as it is written.
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": " ".join(str(message).split()) or "error"}, status_code=status, headers=headers)
+    return JSONResponse({"error": one_line(message)}, status_code=status, headers=headers)
 
 
 def guarded(route):
@@ -70,7 +74,8 @@ def guarded(route):
     return wrapper
 
 
-def create_app(backend: Backend) -> FastAPI:
+def create_app(backend: Backend, token: Optional[str] = None) -> FastAPI:
+    """The app; with ``token`` every API route but /api/health needs it (:class:`TokenGate`)."""
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
@@ -78,6 +83,8 @@ def create_app(backend: Backend) -> FastAPI:
 
     app = FastAPI(title="Flipped-VQA", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.backend = backend
+    if token is not None:
+        app.add_middleware(TokenGate, token=token)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -102,7 +109,7 @@ def create_app(backend: Backend) -> FastAPI:
     @app.get("/api/health")
     @guarded
     async def health():
-        out = backend.health()
+        out = {**backend.health(), "token_required": token is not None}
         return JSONResponse(out, status_code=200 if out["status"] == "ok" else 503)
 
     @app.get("/api/examples")
@@ -162,25 +169,15 @@ def create_app(backend: Backend) -> FastAPI:
         question, extra = backend.example_question(body)
         yield question, extra, backend.sampling(not question.choices, body)
 
-    async def read_json(request: Request):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > MAX_JSON_BYTES:
-            raise RequestError(413, f"a JSON body of {int(length)} bytes; the API takes at most {MAX_JSON_BYTES}")
-        raw = await request.body()
-        if not raw.strip():
-            raise RequestError(400, "the body is empty: send a JSON object such as {\"example\": ID}")
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise RequestError(400, f"the body is not JSON ({err})") from None
-
     @contextlib.asynccontextmanager
     async def uploaded(request: Request):
-        backend.need_uploads()
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > backend.max_upload_bytes + FORM_SLACK:
-            backend.check_upload_size(int(length), "the request")  # refused before it is read
-        form = await request.form(max_files=2, max_fields=64)
+        # Without --clip_model a form carries no video worth reading: read enough to say what is wrong.
+        limit = backend.max_upload_bytes + FORM_SLACK if backend.uploads else FORM_SLACK
+        try:
+            form = await read_form(request, limit)
+        except BodyTooLarge as err:
+            backend.need_uploads()
+            raise backend.too_large(f"the request is {err.amount()}", FORM_SLACK) from None
         try:
             with tempfile.TemporaryDirectory(prefix="flipvqa-serve-") as tmp:
                 yield await form_question(form, Path(tmp))
@@ -188,6 +185,11 @@ def create_app(backend: Backend) -> FastAPI:
             await form.close()
 
     async def form_question(form, tmp: Path):
+        if "example" in form:
+            raise RequestError(400, "\"example\" names a bundled example and goes in a JSON body "
+                                    "({\"example\": ID, \"question\": ..., \"choices\": [...]} as application/json); "
+                                    "form data uploads a video in the field \"video\"")
+        backend.need_uploads()
         video, subtitles = form.get("video"), form.get("subtitles")
         if video is None or isinstance(video, str):
             raise RequestError(400, "give the video file as the form field \"video\"")
@@ -208,7 +210,7 @@ def create_app(backend: Backend) -> FastAPI:
         except SettingsError as err:
             raise RequestError(400, str(err)) from None
         backend.check_upload_size(video.size)
-        name = Path(video.filename or "video").name or "video"
+        name = Path(one_line(video.filename or "video")).name or "video"  # echoed in answers and errors
         upload = Upload(tmp / ("video" + Path(name).suffix[:10]), name, 0)
         upload.size = await run_in_threadpool(save, video.file, upload.path)
         srt = None

@@ -26,21 +26,12 @@ from ..errors import FlipVQAError
 from ..io import load_tensors, read_json
 from ..prompts import LETTERS
 from .batching import BatchQueue
+from .checks import RequestError, check_choices, check_question, check_subtitles, first_line, json_type
 from .words import FIELDS, Generated, Settings, SettingsError, WordsBatcher, check_settings
 
 log = logging.getLogger(__name__)
 
-MAX_QUESTION = 2000  # characters
-MAX_CHOICE = 1000
 THUMB = 112  # pixels, square
-
-
-class RequestError(Exception):
-    """A bad request: ``status`` (4xx) and a one-line message."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(" ".join(str(message).split()))
-        self.status = status
 
 
 @dataclass
@@ -78,6 +69,7 @@ class Backend:
         self.words = WordsBatcher(answerer, self.model_lock, settings, settings.max_new_tokens,
                                   max_batch=max_batch, max_wait=max_wait)
         self._clip_lock = threading.Lock()
+        self.max_choices = most_choices(answerer)
         self.started = time.time()
 
     def _score(self, questions: list[Question]):
@@ -98,7 +90,8 @@ class Backend:
         args = self.answerer.args
         status = "ok" if self.queue.alive and self.words.queue.alive else "error"
         return {"status": status, "model": args.model, "checkpoint": str(self.checkpoint),
-                "device": str(self.answerer.device), "max_feats": args.max_feats, "uploads": self.uploads,
+                "device": str(self.answerer.device), "max_feats": args.max_feats, "max_seq_len": args.max_seq_len,
+                "max_choices": self.max_choices, "uploads": self.uploads,
                 "max_upload_mb": self.max_upload_mb, "max_seconds": self.max_seconds,
                 "uptime_s": round(time.time() - self.started, 1), **self.queue.stats(),
                 "generation": self.words.stats()}
@@ -137,7 +130,7 @@ class Backend:
         own = question == info.get("question") and list(choices) == info.get("choices")
         if own and isinstance(info.get("answer"), int):
             extra["correct"] = info["answer"]
-        return Question(example.features.float(), question, list(choices)), extra
+        return self.check_room(Question(example.features.float(), question, list(choices))), extra
 
     def example(self, key: Any) -> Example:
         if not isinstance(key, str):
@@ -147,10 +140,15 @@ class Backend:
             raise RequestError(404, f"unknown example {key[:100]!r} (known: {shown or 'none'})")
         return self.examples[key]
 
-    def check_upload_size(self, size: Optional[int], what: str = "the video") -> None:
+    def check_upload_size(self, size: Optional[int]) -> None:
         if size is not None and size > self.max_upload_bytes:
-            raise RequestError(413, f"{what} is {size / 2**20:.1f} MB, more than the server's "
-                                    f"--max_upload_mb {self.max_upload_mb:g}")
+            raise self.too_large(f"the video is {size / 2**20:.1f} MB")
+
+    def too_large(self, what: str, slack: int = 0) -> RequestError:
+        """The 413 of an upload: ``what`` ("the video is 3.0 MB"), over --max_upload_mb (plus ``slack``
+        bytes for a request's other fields)."""
+        extra = f" (plus {slack / 2**20:g} MB for the other fields)" if slack else ""
+        return RequestError(413, f"{what}: the server takes at most --max_upload_mb {self.max_upload_mb:g}{extra}")
 
     def need_uploads(self) -> None:
         if not self.uploads:
@@ -185,6 +183,8 @@ class Backend:
         self.check_upload_size(video.size)
         if subtitles is not None:
             check_subtitles(subtitles)
+        blank = torch.zeros(1, self.answerer.feature_dim)  # choices that cannot fit: refused before decoding
+        self.check_room(Question(blank, question, list(choices), subtitles))
         start = time.perf_counter()
         frames = self.decode(video)
         with self._clip_lock:  # one CLIP at a time (and loaded once)
@@ -195,6 +195,18 @@ class Backend:
         extra = {"video": video.name, "question": question, **({"choices": choices} if choices else {}),
                  "thumbnails": thumbnails(frames, slots), "video_s": time.perf_counter() - start}
         return Question(features, question, list(choices), subtitles), extra
+
+    def check_room(self, question: Question) -> Question:
+        """``question``, refused when it has more choices than fit the model even when short. The
+        model's own check (its error names the tokens and --max_seq_len) runs only then: the batch
+        checks every question again."""
+        if len(question.choices) > self.max_choices:
+            try:
+                self.answerer._item(question)
+            except FlipVQAError as err:
+                raise RequestError(400, f"{err} (this model fits at most {self.max_choices} one-word choices; "
+                                        "/api/health says max_choices and max_seq_len)") from None
+        return question
 
     def decode(self, video: Upload):
         """The sampled frames of an upload (uint8 [n, H, W, 3]; CLIP: 224x224), as ``flipvqa ask`` samples them,
@@ -251,46 +263,8 @@ class Backend:
 # ---------------------------------------------------------------------- checks
 
 
-def json_type(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
-            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
-
-
 def pick(info: dict, *keys: str) -> dict:
     return {k: info[k] for k in keys if k in info}
-
-
-def check_question(question: Any) -> str:
-    if not isinstance(question, str):
-        raise RequestError(400, f"\"question\" must be a string, not {json_type(question)}")
-    if not question.strip():
-        raise RequestError(400, "the question is empty")
-    if len(question) > MAX_QUESTION:
-        raise RequestError(400, f"the question is {len(question)} characters long, more than {MAX_QUESTION}")
-    return question.strip()
-
-
-def check_choices(choices: Any) -> list[str]:
-    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
-        what = json_type(choices) if not isinstance(choices, list) else "a list with non-strings"
-        raise RequestError(400, f"\"choices\" must be a list of strings, not {what}")
-    if not 2 <= len(choices) <= len(LETTERS):
-        raise RequestError(400, f"give 2 to {len(LETTERS)} choices (got {len(choices)})")
-    for k, choice in enumerate(choices):
-        if not choice.strip():
-            raise RequestError(400, f"choice {k + 1} is empty")
-        if len(choice) > MAX_CHOICE:
-            raise RequestError(400, f"choice {k + 1} is {len(choice)} characters long, more than {MAX_CHOICE}")
-    return [c.strip() for c in choices]
-
-
-def check_subtitles(path: Path) -> None:
-    from ..data.subtitles import tvqa_dialogue
-
-    try:
-        tvqa_dialogue(path, -1000, 1000)
-    except Exception as err:  # pysrt raises what its parser meets
-        raise RequestError(400, f"subtitles: not a readable .srt file ({first_line(err)})") from None
 
 
 def container_seconds(av, video: Upload) -> Optional[float]:
@@ -308,11 +282,6 @@ def container_seconds(av, video: Upload) -> Optional[float]:
     return None
 
 
-def first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:300] if text else type(err).__name__
-
-
 def thumbnails(frames, slots: list[Optional[int]]) -> list[Optional[str]]:
     """Per video slot, its frame as a small JPEG data URL (None for a padding slot)."""
     from PIL import Image
@@ -324,6 +293,25 @@ def thumbnails(frames, slots: list[Optional[int]]) -> list[Optional[str]]:
             Image.fromarray(frames[i]).resize((THUMB, THUMB), Image.Resampling.BILINEAR).save(buf, "JPEG", quality=80)
             cache[i] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
     return [None if i is None else cache[i] for i in slots]
+
+
+def most_choices(answerer: Answerer) -> int:
+    """The most choices that fit the model's --max_seq_len at all: one-letter choices to a one-character
+    question (0: not even 2). Longer ones fit fewer; /api/health and the page show this bound."""
+    features = torch.zeros(1, answerer.feature_dim)
+
+    def fits(n: int) -> bool:
+        try:
+            answerer._item(Question(features, "?", ["a"] * n))
+            return True
+        except FlipVQAError:
+            return False
+
+    low, high = 1, len(LETTERS)  # fits(low) is taken as true; the answer is in low..high
+    while low < high:  # more choices never take fewer tokens: a binary search
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low if low >= 2 else 0
 
 
 # ---------------------------------------------------------------------- examples

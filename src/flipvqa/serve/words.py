@@ -84,7 +84,7 @@ def form_settings(form) -> dict:
         if values:
             try:
                 out[name] = json.loads(values[0])
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: a field of 100,000 "["
                 raise SettingsError(f"\"{name}\" must be a number, not {values[0][:40]!r}") from None
     return out
 

@@ -1,15 +1,15 @@
 // The page of `flipvqa serve`: pick an example or upload a video, ask, show the ranked choices
 // and the answer's attention over the sampled frames, or an answer in words as it is generated
-// (words.js). No libraries, works offline.
+// (words.js). Requests go through authFetch (token.js: the access token, when the server has one).
+// No libraries, works offline.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ";
-const MAX_CHOICES = 26;
 const PALETTE = ["#c98a22", "#d1603d", "#4e9a6f", "#3d7fd1", "#8a5ad1", "#c2477a",
                  "#2f9fa8", "#7a8b2f", "#a86f3d", "#5f6c8a"];
 const state = { examples: [], byId: new Map(), source: "example", mode: "choices", health: null, busy: false,
-                colours: new Map() };
+                colours: new Map(), maxChoices: LETTERS.length };  // maxChoices: what fits the model
 
 function el(tag, cls, text) {
   const node = document.createElement(tag);
@@ -33,12 +33,7 @@ function ms(seconds) {
 }
 
 async function api(path, options) {
-  let response;
-  try {
-    response = await fetch(path, options);
-  } catch (err) {
-    throw new Error("the server cannot be reached (" + err.message + ")");
-  }
+  const response = await authFetch(path, options);
   let body = null;
   try { body = await response.json(); } catch (err) { /* not JSON */ }
   if (!response.ok) throw new Error((body && body.error) || `HTTP ${response.status}`);
@@ -54,12 +49,17 @@ function renumber() {
     li.querySelector("input").setAttribute("aria-label", `choice ${LETTERS[k]}`);
     li.querySelector("button").disabled = items.length <= 2;
   });
-  $("add-choice").disabled = items.length >= MAX_CHOICES;
-  $("choice-count").textContent = `${items.length} of 2–${MAX_CHOICES}`;
+  $("add-choice").disabled = items.length >= state.maxChoices;
+  $("choice-count").textContent = `${items.length} of 2–${state.maxChoices}`;
+  $("choices-hint").classList.toggle("over", items.length > state.maxChoices);
 }
 
-function addChoice(text = "", focus = false) {
-  if ($("choices").children.length >= MAX_CHOICES) return;
+function addChoice(text = "", focus = false) {  // the button's: no more than fit the model
+  if ($("choices").children.length >= state.maxChoices) return;
+  appendChoice(text, focus);
+}
+
+function appendChoice(text, focus = false) {
   const li = el("li", "choice");
   const input = el("input");
   input.type = "text";
@@ -78,8 +78,8 @@ function addChoice(text = "", focus = false) {
 function setChoices(choices) {
   $("choices").replaceChildren();
   const list = choices && choices.length ? choices : ["", ""];
-  list.forEach((c) => addChoice(c));
-  if (list.length < 2) addChoice();
+  list.forEach((c) => appendChoice(c));  // all of a link's choices, even too many: the server says so
+  if (list.length < 2) appendChoice("");
 }
 
 function currentChoices() {  // blank fields are left out
@@ -294,6 +294,16 @@ function renderFrames(answer, withAttention) {
 
 // ------------------------------------------------------------------ start
 
+function showRoom(health) {  // how many choices fit the model (its --max_seq_len)
+  const most = health.max_choices;
+  if (!health.max_seq_len || most === undefined) return;
+  state.maxChoices = Math.max(2, Math.min(most, LETTERS.length));
+  $("choices-hint").textContent = most >= 2
+    ? `This model reads at most ${health.max_seq_len} tokens: up to ${most} one-word choices fit, fewer long ones.`
+    : `This model reads at most ${health.max_seq_len} tokens: too few for choices; ask in words.`;
+  renumber();
+}
+
 async function start() {
   document.querySelectorAll(".tab").forEach((tab) => tab.addEventListener("click", () => setSource(tab.dataset.pane)));
   $("example").addEventListener("change", () => showExample($("example").value));
@@ -305,14 +315,17 @@ async function start() {
   });
   setChoices([]);
   try {
-    const [health, examples] = await Promise.all([api("/api/health"), api("/api/examples")]);
+    const health = await api("/api/health");  // open even with a token: it says whether one is needed
     state.health = health;
+    showRoom(health);
     const file = health.checkpoint.split(/[\\/]/).pop();
     $("model").textContent = `${health.model} · ${file} · ${health.device}`;
     $("model").title = health.checkpoint;
     const most = (health.generation || {}).max_new_tokens;
     $("words-hint").textContent = "The model answers in its own words" + (most ? ` (up to ${most} tokens)` : "") +
       ", shown as it writes them, each token with its probability.";
+    if (health.token_required && !auth.token) await askToken("");
+    const examples = await api("/api/examples");
     state.examples = examples;
     for (const ex of examples) {
       state.byId.set(ex.id, ex);
@@ -330,7 +343,7 @@ async function start() {
       setSource("upload");
     }
   } catch (err) {
-    $("model").textContent = "offline";
+    if (!state.health) $("model").textContent = "offline";
     return showError(err.message);
   }
   const params = new URLSearchParams(location.search);

@@ -1,5 +1,5 @@
 // Answers in words on the page of `flipvqa serve`: POST /api/ask/stream, read its Server-Sent Events
-// with fetch and a stream reader (EventSource cannot POST), and show the answer as it grows, each
+// with fetch and a stream reader (EventSource can neither POST nor send the token), and show the answer as it grows, each
 // token with its probability. Loaded before app.js, whose helpers ($, el, pct, ms, renderFrames)
 // these functions call when a question is asked.
 "use strict";
@@ -13,13 +13,9 @@ function visible(text) {  // a token's white space made visible
 }
 
 async function stream(path, options, question) {
-  // POST, then read the Server-Sent Events ("event: token" ..., then "done" or "error") as they come.
-  let response;
-  try {
-    response = await fetch(path, options);
-  } catch (err) {
-    throw new Error("the server cannot be reached (" + err.message + ")");
-  }
+  // POST (with the access token: token.js), then read the Server-Sent Events ("event: token" ...,
+  // then "done" or "error") as they come.
+  const response = await authFetch(path, options);
   if (!response.ok) {  // refused before streaming: one line of JSON
     let body = null;
     try { body = await response.json(); } catch (err) { /* not JSON */ }

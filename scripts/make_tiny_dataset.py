@@ -4,7 +4,7 @@
 
 writes ``tiny/videos/*.mp4`` (a few seconds each: a coloured square moving left or right, or
 staying still), ``tiny/clip/`` (a tiny *random* CLIP vision model: the pipeline runs offline, the
-features mean nothing) and ``tiny/data/tiny/{train,val}.jsonl`` (questions with 2 to 4 options,
+features mean nothing) and ``tiny/data/tiny/{train,val}.jsonl`` (questions with 2 or 3 options,
 some with a time window). Then ``flipvqa extract-features`` turns the videos into
 ``tiny/data/tiny/features.pth`` and ``flipvqa train --dataset tiny --data_path tiny/data`` trains
 on it. Needs ``pip install -e ".[video]"``.
@@ -47,6 +47,9 @@ def write_clip(folder: Path) -> None:
     import torch
     import transformers
 
+    from flipvqa.quiet import before_transformers_models
+
+    before_transformers_models()  # keep torchao's import notes out of the output
     torch.manual_seed(0)
     config = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                                            num_attention_heads=4, image_size=224, patch_size=32, projection_dim=32)

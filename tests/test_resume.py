@@ -4,6 +4,8 @@ resuming into an earlier run's folder; non-finite losses; metrics.jsonl and Tens
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -120,6 +122,19 @@ def test_resume_into_the_same_folder_for_more_epochs(uninterrupted, tmp_path):
     assert torch.load(out / "checkpoint_best.pth", weights_only=False)["epoch"] == want_best
     assert want_best >= best
     assert [m["step"] for m in lines(out / "metrics.jsonl")] == list(range(1, 11))
+
+
+def test_a_finished_run_resumed_uses_one_epoch_numbering(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    again = subprocess.run([sys.executable, "-m", "flipvqa", *train_args(out), "--resume", "auto"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    resumed = re.search(r"resumed from \S+ at epoch (\d+)", again.stderr)
+    nothing = re.search(r"nothing to train: the run resumes at epoch (\d+) \(epochs 0 to (\d+) are done\)",
+                        again.stderr)
+    assert resumed and nothing, again.stderr
+    assert resumed.group(1) == nothing.group(1) == "3" and nothing.group(2) == "2"
 
 
 def test_a_folder_with_a_run_needs_resume_auto_or_overwrite(tmp_path, capsys):

@@ -583,6 +583,8 @@ def test_the_page_in_headless_chromium(server, examples, tmp_path):
             assert page.inner_text("#top-choice") == want[first["id"]]
             assert page.locator("#ranked .row").count() == len(first["choices"])
             assert page.locator("#frames .slot").count() > 0
+            captions = page.locator("#frames .slot figcaption").all_inner_texts()
+            assert all(c.endswith("%") for c in captions), captions  # percent, as ask --explain draws them
 
             page.goto(server.url + "/")
             page.wait_for_selector(f'#example option[value="{second["id"]}"]', state="attached")

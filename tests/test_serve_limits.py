@@ -217,9 +217,10 @@ def test_health_says_what_fits_and_too_many_choices_say_so(client, answerer):
     most = health["max_choices"]
     assert health["max_seq_len"] == answerer.args.max_seq_len == 128 and 2 <= most < 26
     blank = torch.zeros(1, answerer.feature_dim)
-    answerer._item(Question(blank, "?", ["a"] * most))  # the bound is the model's own check
-    with pytest.raises(FlipVQAError):
-        answerer._item(Question(blank, "?", ["a"] * (most + 1)))
+    letters = [chr(ord("a") + k) for k in range(26)]
+    answerer.check(Question(blank, "?", letters[:most]))  # the bound is the model's own check
+    with pytest.raises(FlipVQAError, match="--max_seq_len"):
+        answerer.check(Question(blank, "?", letters[:most + 1]))
     first = next(iter(backend.examples))
     response = plain.post("/api/ask", json={"example": first, "question": "what?",
                                             "choices": [f"c{k}" for k in range(26)]})

@@ -19,7 +19,6 @@ Python API::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,9 +31,9 @@ from torch import Tensor
 
 from .checkpoints import build_model, load_checkpoint, load_trainable, run_tokenizer
 from .checkpoints.trainable import expected_feature_dim, stored_args
-from .config import MODEL_OPTIONS, add_run_arguments, resolve, with_stored_options
+from .config import MODEL_OPTIONS, resolve, with_stored_options
 from .data.dataset import Item, collate
-from .data.records import Record, frames_to_slots, slot_sources
+from .data.records import Record, frames_to_slots
 from .data.subtitles import tvqa_dialogue
 from .devices import autocast, init_distributed
 from .errors import FlipVQAError
@@ -223,6 +222,11 @@ class Answerer:
                             dict(timings))
                 for t, probs, stopped, item in zip(texts, out.probs, out.stopped, items)]
 
+    def check(self, request: Question | tuple, open_ended: bool = False) -> None:
+        """Raise :class:`FlipVQAError` (one line) unless ``request`` is a question this model can
+        answer: its choices, features, subtitles and length, as :meth:`ask_many` checks them."""
+        self._item(Question(*request), open_ended=open_ended)
+
     def _item(self, request: Question, open_ended: bool = False) -> Item:
         """One question's model input (choices, features and subtitles checked)."""
         video, question, choices, subtitles = request
@@ -249,19 +253,31 @@ class Answerer:
         seqs = encode_sample(self.tokenizer, text, "" if open_ended else 0, len(choices), self.args.max_feats,
                              self.args.max_seq_len, sub, ("vqa",), all_options=True)
         task = "prompt" if open_ended else "vqa"
-        cut = next((s for s in seqs[task] if not s.fits(self.args.max_feats, task)), None)
-        if cut is not None:  # no answer token left to score, or no room for the prompt
+        if not all(s.fits(self.args.max_feats, task) for s in seqs[task]):  # no answer token or prompt left
+            needs = max(s.full_length or len(s.ids) for s in seqs[task])
             what = "question takes" if open_ended else "question and choices take"
-            raise FlipVQAError(f"the {what} {cut.full_length} tokens, more than the model's "
-                               f"--max_seq_len {self.args.max_seq_len}: shorten them"
-                               + ("" if open_ended else " or give fewer choices"))
+            # --max_seq_len only sizes the sequences (no weight depends on it), so a larger one is valid
+            raise FlipVQAError(f"the {what} {needs} tokens, more than the model's --max_seq_len "
+                               f"{self.args.max_seq_len}: shorten them" + ("" if open_ended else
+                               " or give fewer choices") + f", or run with --max_seq_len {needs} (or more)")
         slots, video_len = frames_to_slots(features, self.args.max_feats)
         return Item(record, slots, video_len, seqs)
 
 
 def check_choices(choices: Sequence[str]) -> None:
+    """2 to 26 choices, each given once: two that are equal but for surrounding spaces and case are
+    one answer, whose probability the model would split between them."""
     if not 2 <= len(choices) <= len(LETTERS):
         raise FlipVQAError(f"--choices: give 2 to {len(LETTERS)} choices (got {len(choices)})")
+    seen: dict[str, int] = {}
+    for k, choice in enumerate(choices):
+        if not str(choice).strip():
+            raise FlipVQAError(f"--choices: choice {k + 1} is empty")
+        first = seen.setdefault(str(choice).strip().casefold(), k)
+        if first != k:
+            raise FlipVQAError(f"--choices: choices {first + 1} and {k + 1} are the same answer "
+                               f"({str(choice).strip()[:80]!r}; compared without surrounding spaces and case): "
+                               "give each answer once")
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:

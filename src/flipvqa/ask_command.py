@@ -23,7 +23,8 @@ from .prompts import LETTERS, normalize_question
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("video", help="a video file (or, with --features, a video id in that file)")
-    parser.add_argument("--question", required=True)
+    parser.add_argument("--question", required=True, help="the question about the video, in words (with "
+                                                          "--choices ranked against them, else answered in words)")
     parser.add_argument("--choices", nargs="+", help=f"2 to {len(LETTERS)} answer choices to rank (without "
                                                      "them, the model answers in words)")
     parser.add_argument("--subtitles", help="an .srt file (its dialogue is added to the prompt)")

@@ -18,9 +18,13 @@ from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.patches import Patch, Rectangle
+
+from .quiet import quiet_import
+
+quiet_import("matplotlib.font_manager")  # its one-time font-cache note stays out of the output
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
 from .data.records import slot_sources
 from .io import write_atomic

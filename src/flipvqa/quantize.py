@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .config import QUANTIZE_CHOICES as MODES
 from .errors import FlipVQAError
 from .model.llama import Transformer
+from .quiet import quiet_loggers
 
 log = logging.getLogger(__name__)
 
@@ -115,24 +116,18 @@ def _import_torchao():
     """torchao's ``quantize_``, ``Int8WeightOnlyConfig`` and ``to_nf4``, or one line saying which
     extra to install. Its import logs that optional CUDA kernels are absent (they are for other
     formats); that is kept out of the run's log."""
-    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in quiet]
-    for logger in quiet:
-        logger.setLevel(logging.ERROR)
     try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-        try:
-            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
-        except ImportError:  # torchao < 0.15
-            from torchao.dtypes.nf4tensor import to_nf4
+        with quiet_loggers():
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+            try:
+                from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+            except ImportError:  # torchao < 0.15
+                from torchao.dtypes.nf4tensor import to_nf4
     except ImportError as exc:
         raise FlipVQAError(f"--quantize needs torchao ({exc}): pip install 'flipvqa[quant]'") from None
     except Exception as exc:  # noqa: BLE001 - a torchao built for another torch fails in many ways
         raise FlipVQAError(f"--quantize: torchao does not import with torch {torch.__version__} ({exc}); "
                            f"pip install 'flipvqa[quant]' installs a matching one") from None
-    finally:
-        for logger, level in zip(quiet, levels):
-            logger.setLevel(level)
     return quantize_, Int8WeightOnlyConfig, to_nf4
 
 

@@ -95,7 +95,9 @@ def train(args: argparse.Namespace) -> dict:
     if dist.enabled:
         torch_dist.barrier()  # the folder is ready before any rank goes on
     if prog.epoch >= args.epochs:
-        log.warning("nothing to train: the checkpoint is at epoch %d and --epochs is %d", prog.epoch - 1, args.epochs)
+        # One numbering with "resumed ... at epoch N": N is the next epoch to run (0-based).
+        log.warning("nothing to train: the run resumes at epoch %d (epochs 0 to %d are done) and --epochs is %d; "
+                    "give a larger --epochs to train on", prog.epoch, prog.epoch - 1, args.epochs)
 
     # The reference's sampler: shuffled with its default seed 0 whatever --seed is (--seed sets the
     # initial weights), the same order every epoch unless distributed.

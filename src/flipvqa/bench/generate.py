@@ -30,6 +30,7 @@ from ..errors import FlipVQAError
 from ..model.flipped import FlippedVQA
 from ..model.generate import Sampling, generate
 from ..model.inputs import Batch
+from ..quiet import before_transformers_models
 from .machine import device_name, timed
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ def _prompt_batches(args, tokenizer, n_batches: int, device: torch.device) -> li
 def _hf_model(model: FlippedVQA, device: torch.device, dtype: torch.dtype):
     """The backbone as a transformers ``LlamaForCausalLM`` with the same weights (q/k rows
     permuted back to the rotate-half layout transformers uses)."""
+    before_transformers_models()
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -234,9 +235,35 @@ def format_report(report: dict, max_seq_len: int) -> str:
         lines += ["", "warnings:"] + [f"  {w}" for w in report["warnings"]]
     errors = report["errors"]
     if errors:
-        lines += ["", "errors:"] + [f"  {k:>{len(str(len(errors)))}}. {e}" for k, e in enumerate(errors, 1)]
+        grouped = group_errors(errors)
+        lines += ["", "errors:"] + [f"  {k:>{len(str(len(grouped)))}}. {e}" for k, e in enumerate(grouped, 1)]
     lines += ["", "OK: no errors" if not errors else _count(len(errors), "error")]
     return "\n".join(lines)
+
+
+# What tells errors of one kind apart: the question (and its video) or line they name, and numbers.
+_SUBJECT = re.compile(r"question \d+ \(video [^)]*\)|line \d+")
+SHOWN = 3  # examples named in a grouped line
+
+
+def group_errors(errors: list[str]) -> list[str]:
+    """Errors of one kind (the same message but for the question, line or numbers it names) as one
+    line: the first in full, then the count and a few more of its subjects. ``--json`` keeps all."""
+    groups: dict[str, list[str]] = {}
+    for error in errors:
+        groups.setdefault(re.sub(r"\d+", "#", _SUBJECT.sub("#", error)), []).append(error)
+    lines = []
+    for members in groups.values():
+        if len(members) <= SHOWN + 1:
+            lines += members
+            continue
+        subjects = [m.group(0) for m in map(_SUBJECT.search, members[1:SHOWN + 1]) if m]
+        also = f", e.g. {', '.join(subjects)}" if subjects else ""
+        needs = [int(n) for n in re.findall(r"needs --max_seq_len (\d+)", " ".join(members))]
+        if needs:  # the first one's need is not the group's
+            also += f"; the longest needs --max_seq_len {max(needs)}"
+        lines.append(f"{members[0]} [and {len(members) - 1} more of this kind{also}; --json lists each]")
+    return lines
 
 
 def _count(n: int, noun: str) -> str:

@@ -31,6 +31,7 @@ from flipvqa.devices import resolve_device
 from flipvqa.errors import FlipVQAError
 from flipvqa.features.video import SIZE, preprocess
 from flipvqa.io import first_line
+from flipvqa.quiet import before_transformers_models
 
 log = logging.getLogger(__name__)
 
@@ -364,6 +365,7 @@ def load_encoder(name_or_path: str | Path, device: str | torch.device | None = N
     Found as :func:`load_clip` finds CLIP. CLIP gives exactly :func:`load_clip`'s model; a model
     type it does not know is one line naming the folder, the type and the supported ones.
     """
+    before_transformers_models()
     target = resolve_device(device)
     name = str(name_or_path)
     kind, model, info, processor = _resolve(name, _any_from_pretrained, "CLIP-family model")

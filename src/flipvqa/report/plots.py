@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import io
 import math
+
 import matplotlib
 
+from ..quiet import quiet_import
+
 matplotlib.use("Agg")
+quiet_import("matplotlib.font_manager")  # its one-time font-cache note stays out of the report's output
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402

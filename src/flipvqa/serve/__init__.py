@@ -41,23 +41,10 @@ each with the same answer as alone. A client that leaves mid-stream frees its ro
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import socket
 from pathlib import Path
-
-import fastapi
-import uvicorn
-
-try:  # python-multipart, for uploads (FastAPI itself only looks for it when a form arrives)
-    import python_multipart as _multipart
-except ModuleNotFoundError as missing:
-    try:
-        import multipart as _multipart  # python-multipart before 0.0.13
-    except ModuleNotFoundError:
-        raise missing from None
-
-# Imported here, so that a missing one is the CLI's one line: pip install 'flipvqa[serve]'.
-DEPENDENCIES = (fastapi, uvicorn, _multipart)
 
 from ..config import add_run_arguments
 from ..errors import FlipVQAError
@@ -87,14 +74,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_wait_ms", type=float, default=2.0,
                         help="how long the first waiting question waits for others to join its batch "
                              "(default: 2)")
-    add_run_arguments(parser, "ask")
+    add_run_arguments(parser, "ask", shown_as="serve")
     for action in parser._actions:  # serve's --max_new_tokens is also the most a request may ask for
         if action.dest == "max_new_tokens":
             action.help = ("most tokens of an answer in words: the default, and the most a request's "
                            "max_new_tokens may ask for (default: 32)")
 
 
+def require_dependencies() -> None:
+    """Import the ``serve`` extra's packages: at run time, not at import, so that ``flipvqa serve
+    --help`` works without them. A missing one is one line naming the extra."""
+    for names in (("fastapi",), ("uvicorn",), ("python_multipart", "multipart")):  # multipart: before 0.0.13
+        for name in names:
+            try:
+                importlib.import_module(name)
+                break
+            except ModuleNotFoundError:
+                continue
+        else:
+            raise FlipVQAError(f"flipvqa serve needs the Python package '{names[0].replace('_', '-')}': "
+                               "pip install 'flipvqa[serve]'")
+
+
 def run(ns: argparse.Namespace) -> int:
+    require_dependencies()
     for flag in ("fps", "max_upload_mb", "max_seconds", "max_batch"):
         if getattr(ns, flag) <= 0:
             raise FlipVQAError(f"--{flag} must be positive (got {getattr(ns, flag)})")
@@ -109,6 +112,8 @@ def run(ns: argparse.Namespace) -> int:
                     "FLIPVQA_TOKEN) to require an access token", ns.host)
     check_port(ns.host, ns.port)  # before loading the model, which can take minutes
     backend = load_backend(ns, settings)
+    import uvicorn
+
     from .app import create_app
 
     app = create_app(backend, token)

@@ -202,7 +202,7 @@ class Backend:
         checks every question again."""
         if len(question.choices) > self.max_choices:
             try:
-                self.answerer._item(question)
+                self.answerer.check(question)
             except FlipVQAError as err:
                 raise RequestError(400, f"{err} (this model fits at most {self.max_choices} one-word choices; "
                                         "/api/health says max_choices and max_seq_len)") from None
@@ -302,7 +302,7 @@ def most_choices(answerer: Answerer) -> int:
 
     def fits(n: int) -> bool:
         try:
-            answerer._item(Question(features, "?", ["a"] * n))
+            answerer.check(Question(features, "?", [chr(ord("a") + k) for k in range(n)]))  # a, b, c, ...
             return True
         except FlipVQAError:
             return False

@@ -286,8 +286,8 @@ function renderFrames(answer, withAttention) {
     level.style.height = `${(attention[j] / most) * 100}%`;
     if (attention[j] === most) slot.classList.add("peak");
     meter.append(level);
-    slot.append(tile, meter, el("figcaption", "", `${j + 1} · ${attention[j].toFixed(3)}`));
-    slot.title = `slot ${j + 1}: attention ${attention[j].toFixed(4)}`;
+    slot.append(tile, meter, el("figcaption", "", `${j + 1} · ${pct(attention[j])}`));  // percent, as ask --explain
+    slot.title = `slot ${j + 1}: ${(attention[j] * 100).toFixed(2)}% of the answer's attention`;
     strip.append(slot);
   }
 }

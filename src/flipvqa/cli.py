@@ -81,7 +81,7 @@ PLUGINS = {
     "ask": ("flipvqa.ask_command", "answer a question about a video file: rank its choices, or answer in words"),
     "serve": ("flipvqa.serve", "a web page and a JSON API answering questions about videos (the demo model by default)"),
     "report": ("flipvqa.report", "write an HTML report of training runs (losses, accuracy, mistakes)"),
-    "data": ("flipvqa.data.check", "check a dataset: every split, every line, the features"),
+    "data": ("flipvqa.data.check", "check a dataset (every split, every line, the features); pack its features"),
 }
 
 

@@ -24,7 +24,7 @@ from ..config import add_run_arguments, resolve
 from ..errors import FlipVQAError
 from ..io import progress
 from ..prompts import encode_sample, open_prompt_text, prompt_text
-from . import generic
+from . import generic, pack
 from .records import load_features
 
 # The run options the check uses (config.RunConfig's fields whose used_by has "check").
@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cmd.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                        help="only warnings and errors, no progress bars")
     cmd.set_defaults(data_run=_run_check)
+    pack.add_parser(sub)  # flipvqa data pack: src/flipvqa/data/pack.py
 
 
 def run(ns: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from ..errors import FlipVQAError
 from ..io import read_json_object
 from ..prompts import LETTERS, normalize_question
 from .records import Record
+from .store import packed_path
 from .subtitles import tvqa_dialogue
 
 FEATURE_FILES = ("features.pth", "clipvitl14.pth")
@@ -45,7 +46,9 @@ def splits(root: Path) -> list[str]:
 
 
 def features_file(root: Path) -> Path:
-    return next((root / n for n in FEATURE_FILES if (root / n).is_file()), root / FEATURE_FILES[0])
+    """The first of :data:`FEATURE_FILES` there as a ``.pth`` or as its packed store (``.safetensors``)."""
+    return next((root / n for n in FEATURE_FILES if (root / n).is_file() or packed_path(root / n).is_file()),
+                root / FEATURE_FILES[0])
 
 
 def fps_of(root: Path) -> int:

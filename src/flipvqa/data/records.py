@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -12,6 +13,7 @@ from torch import Tensor
 from ..errors import FlipVQAError
 from ..io import load_tensors, read_json
 from ..model.inputs import FEATURE_DIM
+from . import store
 
 
 
@@ -83,7 +85,14 @@ def check_answer(answer: int, n_options: int, path: Path, n: int) -> int:
     return answer
 
 
-def load_features(path: Path) -> dict[str, Tensor]:
+def load_features(path: Path) -> Mapping[str, Tensor]:
+    """{video id: float16 [frames, 768]} of a features file: its packed store
+    (:mod:`flipvqa.data.store`, ``clipvitl14.safetensors``) where there is one, else the ``.pth``."""
+    chosen = store.preferred(path)
+    return store.open_store(chosen) if store.is_packed(chosen) else load_pth(Path(path))
+
+
+def load_pth(path: Path) -> dict[str, Tensor]:
     """``clipvitl14.pth``: {video id: float16 [frames, 768]}, memory-mapped where possible."""
     features = load_tensors(path, "features")
     if not isinstance(features, dict):
@@ -94,9 +103,11 @@ def load_features(path: Path) -> dict[str, Tensor]:
     return {str(k): v for k, v in features.items()}
 
 
-def feature_width(features: dict[str, Tensor], path: Path) -> Optional[int]:
+def feature_width(features: Mapping[str, Tensor], path: Path) -> Optional[int]:
     """The common width of every video's features (None for an empty file); mixed widths are an
     error naming two videos."""
+    if isinstance(features, store.PackedFeatures):  # one width by construction: no need to look
+        return features.width if len(features) else None
     widths: dict[int, str] = {}
     for vid, v in features.items():
         widths.setdefault(int(v.shape[1]), vid)

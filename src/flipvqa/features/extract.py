@@ -19,17 +19,19 @@ Behaviour worth knowing:
 * A video that cannot be decoded, or that yields no frame (shorter than half a slot), is skipped and
   listed at the end, after the others are written; :func:`run` then returns 1, so a script sees
   that the output is incomplete. It returns 0 only when no requested video failed.
+* An output ending in ``.safetensors`` is written as a packed feature store
+  (:mod:`flipvqa.data.store`, the encoder in its metadata), and under torchrun or ``--shard I/N``
+  the videos are split over processes; both go through :mod:`flipvqa.features.shards`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
@@ -39,9 +41,10 @@ import numpy as np
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from flipvqa.data.sidecar import check_record, read_record, record_path, write_record  # noqa: F401 (re-exported)
 from flipvqa.devices import resolve_device
 from flipvqa.errors import FlipVQAError
-from flipvqa.features import clip
+from flipvqa.features import clip, shards
 from flipvqa.features.clip import (
     DEFAULT_MODEL,
     Encoder,
@@ -53,7 +56,7 @@ from flipvqa.features.clip import (
 )
 from flipvqa.features.collect import VIDEO_IDS, assign_ids, collect_videos
 from flipvqa.features.video import import_av, iter_frames
-from flipvqa.io import first_line, load_tensors, progress, read_json_object, save_torch, write_atomic
+from flipvqa.io import first_line, load_tensors, progress, save_torch
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +108,13 @@ class _Batcher:
                 self.queue[0] = (video_id, slice_pixels(frames, take))
             size -= take
         batch = cat_pixels(chunks)
-        self.buffered -= count_pixels(batch)
-        embeds = self.encoder.embed(batch, self.device)
+        count = count_pixels(batch)
+        self.buffered -= count
+        # The last batch is padded to full size (with copies of its last frame): matmul kernels are
+        # chosen by shape, so a frame's embedding then never depends on the batch it fell in, and
+        # a resumed or multi-process run gives the bits a single run gives.
+        padding = [slice_pixels(batch, count - 1)] * (self.batch_size - count)
+        embeds = self.encoder.embed(cat_pixels([batch, *padding]), self.device)[:count]
         done = {}
         for (video_id, take), part in zip(owners, embeds.split([take for _, take in owners]), strict=True):
             self.parts[video_id].append(part)
@@ -176,40 +184,6 @@ def _decoded_ahead(
 # --------------------------------------------------------------------------- the encoder's record
 
 
-def record_path(output: Path) -> Path:
-    """The sidecar naming the encoder of ``output``: ``clipvitl14.pth`` -> ``clipvitl14.pth.json``."""
-    return output.with_name(output.name + ".json")
-
-
-def read_record(output: Path) -> dict[str, Any] | None:
-    """The sidecar of an existing output; None where there is none (written before sidecars were)."""
-    path = record_path(output)
-    if not path.exists():
-        return None
-    try:
-        return read_json_object(path)
-    except FlipVQAError as err:
-        raise FlipVQAError(f"{err}; move it away with {output.name}") from err
-
-
-def write_record(output: Path, record: dict[str, Any]) -> None:
-    text = json.dumps(record, indent=2) + "\n"
-    write_atomic(record_path(output), lambda f: f.write(text.encode("utf-8")))
-
-
-def _check_record(output: Path, recorded: dict[str, Any] | None, run: dict[str, Any]) -> None:
-    """Refuse to resume ``output`` when its sidecar names another encoder, width or fps than ``run``."""
-    differ = [key for key, value in run.items() if recorded is not None and recorded.get(key) != value]
-    if differ:
-        assert recorded is not None
-        was = ", ".join(f"{key} {recorded.get(key)!r}" for key in differ)
-        now = ", ".join(f"{key} {run[key]!r}" for key in differ)
-        raise FlipVQAError(
-            f"{output}: made with {was} (says {record_path(output).name}), but this run has {now}; "
-            "resume with the same --clip_model and --fps, or choose another --output"
-        )
-
-
 def _check_width(output: Path, features: dict[str, torch.Tensor], encoder: Encoder) -> None:
     """An output from before sidecars: at least its width must be the encoder's."""
     widths = sorted({int(v.shape[-1]) if v.dim() else 0 for v in features.values()})
@@ -231,12 +205,16 @@ def extract_features(
     device: str | torch.device | None = None,
     video_id: str = "stem",
     workers: int | None = None,
+    shard: str | None = None,
+    chunk_videos: int = shards.CHUNK_VIDEOS,
 ) -> dict[str, Any]:
     """Extract frame features for ``paths`` (files, folders, ``.txt`` lists, globs) into ``output``.
 
     ``clip_model`` is a folder or hub id of a CLIP-family vision tower, an :class:`Encoder` from
     :func:`~flipvqa.features.clip.load_encoder`, or a CLIP model from ``load_clip``. ``output`` gets
-    the sidecar ``<output>.json`` (:func:`record_path`) before its first save.
+    the sidecar ``<output>.json`` (:func:`record_path`) before its first save. An ``output`` ending
+    in ``.safetensors`` is a packed store; it, torchrun and ``shard`` ("I/N") extract in parts
+    (:mod:`flipvqa.features.shards`, ``chunk_videos`` videos a chunk).
     Returns ``{"extracted": int, "skipped_existing": int, "failed": [(video_id, path, reason)],
     "output": Path}``.
     """
@@ -246,13 +224,18 @@ def extract_features(
         raise FlipVQAError(f"--batch_size must be at least 1, got {batch_size}")
     if workers is not None and workers < 1:
         raise FlipVQAError(f"--workers must be at least 1, got {workers}")
+    if chunk_videos < 1:
+        raise FlipVQAError(f"--chunk_videos must be at least 1, got {chunk_videos}")
     import_av()  # fail once, up front, rather than once per video
     output = Path(output).expanduser()
     ids = assign_ids(collect_videos([paths] if isinstance(paths, (str, Path)) else paths), video_id)
+    if shards.sharded(output, shard):
+        return shards.extract(ids, clip_model, output, shards.parse_shard(shard), fps=float(fps),
+                              batch_size=batch_size, device=device, workers=workers, chunk_videos=chunk_videos)
     features = load_existing(output)
     recorded = read_record(output) if features else None  # a sidecar without an output is stale
     # Checked before loading anything: a mismatch needs no model, even with nothing left to do.
-    _check_record(output, recorded, {"encoder": encoder_name(clip_model), "fps": float(fps)})
+    check_record(output, recorded, {"encoder": encoder_name(clip_model), "fps": float(fps)})
     todo = [(vid, path) for vid, path in ids.items() if vid not in features]
     summary: dict[str, Any] = {
         "extracted": 0,
@@ -270,13 +253,9 @@ def extract_features(
     target = resolve_device(device)
     encoder = clip.as_encoder(clip_model, target)
     run_record = {**encoder.record(), "fps": float(fps)}
-    _check_record(output, recorded, run_record)
+    check_record(output, recorded, run_record)
     if recorded is None and features:
         _check_width(output, features, encoder)
-    batcher = _Batcher(encoder, target, batch_size)
-    workers = workers or min(4, os.cpu_count() or 1)
-    saved_at, save_every = time.monotonic(), SAVE_EVERY_S
-    unsaved = 0
     recorded_now = run_record == recorded
 
     def save() -> None:
@@ -286,9 +265,25 @@ def extract_features(
             recorded_now = True
         save_torch(output, features)
 
+    embed_videos(todo, encoder, target, fps, batch_size, workers, summary, features.update, save)
+    return summary
+
+
+def embed_videos(todo: Sequence[tuple[str, Path]], encoder: Encoder, device: torch.device, fps: float,
+                 batch_size: int, workers: int | None, summary: dict[str, Any],
+                 keep: Callable[[dict[str, torch.Tensor]], Any], save: Callable[[], None],
+                 save_after: int | None = None) -> None:
+    """Embed the videos of ``todo``, handing each group of finished ones to ``keep``; ``save()``
+    makes what was kept durable: every SAVE_EVERY_S seconds (at most ~10% of the time), after
+    ``save_after`` unsaved videos, at the end and when interrupted. Counts and failures go to ``summary``."""
+    batcher = _Batcher(encoder, device, batch_size)
+    workers = workers or min(4, os.cpu_count() or 1)
+    saved_at, save_every = time.monotonic(), SAVE_EVERY_S
+    unsaved = 0
+
     def finish(done: dict[str, torch.Tensor]) -> None:
         nonlocal unsaved
-        features.update(done)
+        keep(done)
         summary["extracted"] += len(done)
         unsaved += len(done)
 
@@ -305,7 +300,8 @@ def extract_features(
                 else:
                     finish(batcher.add(vid, frames))
                 bar.update(1)
-                if unsaved and time.monotonic() - saved_at >= save_every:
+                due = time.monotonic() - saved_at >= save_every or (save_after is not None and unsaved >= save_after)
+                if unsaved and due:
                     started = time.monotonic()
                     save()
                     # A huge file takes long to write: never spend more than ~10% of the time saving.
@@ -315,7 +311,6 @@ def extract_features(
     finally:
         if unsaved:  # also on Ctrl-C or a crash: keep every video finished so far
             save()
-    return summary
 
 
 # --------------------------------------------------------------------------- the command line
@@ -332,7 +327,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output",
         default=DEFAULT_OUTPUT,
-        help=f"features file to write or resume (default {DEFAULT_OUTPUT})",
+        help=f"features file to write or resume (default {DEFAULT_OUTPUT}); a name ending in .safetensors "
+        "writes the packed feature store",
     )
     parser.add_argument(
         "--clip_model",
@@ -358,6 +354,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", type=int, default=None, help="videos decoded in parallel (default min(4, CPUs))"
     )
+    parser.add_argument("--shard", default=None, metavar="I/N", help="extract part I of N (0-based; a SLURM "
+                        "array task) into OUTPUT.parts/; the same command without --shard then merges the parts")
+    parser.add_argument("--chunk_videos", type=int, default=shards.CHUNK_VIDEOS, help="in parts (torchrun, --shard, "
+                        f".safetensors): videos per chunk, what a killed run can lose (default {shards.CHUNK_VIDEOS})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -376,14 +376,20 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         video_id=args.video_id,
         workers=getattr(args, "workers", None),
+        shard=getattr(args, "shard", None),
+        chunk_videos=getattr(args, "chunk_videos", shards.CHUNK_VIDEOS),
     )
     failed = summary["failed"]
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 talks (and reports a failed merge)
+        return 2 if summary.get("error") else 1 if failed else 0
     print(
         f"{summary['output']}: extracted {summary['extracted']} videos, "
         f"{summary['skipped_existing']} already there, {len(failed)} failed"
     )
     for vid, path, reason in failed:
         print(f"  failed {vid} ({path}): {reason}")
+    if summary.get("next"):
+        print(summary["next"])
     # Any failure fails the command, so a script cannot mistake an incomplete output for a full
     # one; the videos that did work are saved all the same, and a rerun retries only the failures.
     return 1 if failed else 0

@@ -77,7 +77,7 @@ def evaluate(args: argparse.Namespace, ckpt: Optional[dict] = None) -> dict:
     if args.resume and ckpt is None:
         ckpt = load_checkpoint(args.resume)
     width = expected_feature_dim(ckpt, args.resume)
-    dataset = data.build_dataset(args, tokenizer, args.split, train=False, feature_dim=width)
+    dataset = data.build_dataset(args, tokenizer, args.split, train=False, feature_dim=width, dist=dist)
     model = build_model(args, device, tokenizer, dataset.feature_dim)
     sharded = args.fsdp and shard_backbone(model, device, dist)
     if ckpt is not None:

@@ -10,6 +10,7 @@ and character spans, never from hard-coded token ids, so any tokenizer works.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -83,6 +84,25 @@ def _bos(tok: Tokenizer) -> list[int]:
     return [] if tok.bos_id is None else [tok.bos_id]
 
 
+# Per tokenizer, the ids of the texts every question shares (the instruction heads).
+_constants: "weakref.WeakKeyDictionary[Tokenizer, dict[str, tuple[int, ...]]]" = weakref.WeakKeyDictionary()
+
+
+def _encode_constant(tok: Tokenizer, text: str) -> list[int]:
+    """``tok.encode(text)`` for a text that every question shares: encoded once per tokenizer."""
+    try:
+        memo = _constants.setdefault(tok, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced or hashed: no memo
+        return tok.encode(text)
+    if text not in memo:
+        memo[text] = tuple(tok.encode(text))
+    return list(memo[text])
+
+
+def _dialogue_ids(tok: Tokenizer, text: PromptText, sub: bool) -> list[int]:
+    return tok.encode(text.dialogue) if sub and text.dialogue else []
+
+
 def _encode_from(tok: Tokenizer, text: str, char_start: int) -> tuple[list[int], int]:
     """Encode ``text``; also return the index of the first token that reaches past ``char_start``
     (a token straddling the boundary, such as LLaMA's '▁(' for ' (B)', belongs to the targets)."""
@@ -92,17 +112,19 @@ def _encode_from(tok: Tokenizer, text: str, char_start: int) -> tuple[list[int],
 
 
 def build(tok: Tokenizer, task: str, text: PromptText, answer: int | str, max_feats: int,
-          max_seq_len: int, sub: bool) -> Sequence:
+          max_seq_len: int, sub: bool, dialogue: Optional[list[int]] = None) -> Sequence:
     """Build one ``task`` sequence and fit it into ``max_seq_len``. ``answer``: the index of a
-    multiple-choice question's letter, or an open-ended question's answer text."""
+    multiple-choice question's letter, or an open-ended question's answer text. ``dialogue``:
+    the dialogue's ids when the caller has them (every task and option shares them)."""
     slots = [VIDEO_SLOT] * max_feats
     instruction = INSTRUCTIONS[(task, sub)]
-    dialogue = tok.encode(text.dialogue) if sub and text.dialogue else []
+    if dialogue is None:
+        dialogue = _dialogue_ids(tok, text, sub)
     is_open = isinstance(answer, str)
     target = answer if is_open else LETTERS[answer]
     qa = text.question + text.choices + text.answer + target
     if task == "qav":
-        head = _bos(tok) + tok.encode(instruction)
+        head = _bos(tok) + _encode_constant(tok, instruction)
         if sub:
             body = tok.encode(qa + "\nVideo:")
             ids = head + dialogue + body + slots + [tok.eos_id]
@@ -112,7 +134,7 @@ def build(tok: Tokenizer, task: str, text: PromptText, answer: int | str, max_fe
             span = None
         start = len(ids) - max_feats - 1
         return _fit(ids, start, start, span, max_feats, max_seq_len, task)
-    head = _bos(tok) + tok.encode(instruction + "Video:")
+    head = _bos(tok) + _encode_constant(tok, instruction + "Video:")
     video_start = len(head)
     if task == "vqa":
         # An open answer's targets are every token after "The answer is" (with LLaMA's tokenizer
@@ -140,9 +162,9 @@ def generation_prompt(tok: Tokenizer, text: PromptText, max_feats: int, max_seq_
     answer is`` (no trailing space; the answer's first token brings it). A dialogue that does not
     fit is cut at its tail; a prompt that does not fit otherwise is marked ``lost_answer``.
     ``label_start`` is where the first generated token goes."""
-    head = _bos(tok) + tok.encode(INSTRUCTIONS[("vqa", sub)] + "Video:")
+    head = _bos(tok) + _encode_constant(tok, INSTRUCTIONS[("vqa", sub)] + "Video:")
     prefix = head + [VIDEO_SLOT] * max_feats + [tok.newline_id]
-    dialogue = tok.encode(text.dialogue) if sub and text.dialogue else []
+    dialogue = _dialogue_ids(tok, text, sub)
     body = tok.encode(text.question + text.answer.rstrip())
     full = len(prefix) + len(dialogue) + len(body)
     if full > max_seq_len:
@@ -187,5 +209,6 @@ def encode_sample(tok: Tokenizer, text: PromptText, answer: int | str, n_options
     if isinstance(answer, str) and all_options:
         return {"prompt": [generation_prompt(tok, text, max_feats, max_seq_len, sub)]}
     letters = range(n_options) if all_options else [answer]
-    return {task: [build(tok, task, text, k, max_feats, max_seq_len, sub) for k in letters]
+    dialogue = _dialogue_ids(tok, text, sub)  # once: every task and option shares it
+    return {task: [build(tok, task, text, k, max_feats, max_seq_len, sub, dialogue) for k in letters]
             for task in tasks}

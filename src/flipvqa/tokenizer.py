@@ -8,8 +8,11 @@ from LLaMA-specific token ids.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional, Protocol
+
+import numpy as np
 
 from .errors import FlipVQAError
 
@@ -61,17 +64,26 @@ class SentencePieceTokenizer:
         return self.sp.decode(list(ids))
 
     def encode_with_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        proto = self.sp.encode(text, out_type="proto")
-        # SentencePiece reports byte offsets; map them to character offsets.
-        byte_to_char = []
-        for i, ch in enumerate(text):
-            byte_to_char.extend([i] * len(ch.encode("utf-8")))
-        byte_to_char.append(len(text))
-        ids, spans = [], []
-        for piece in proto.pieces:
-            ids.append(piece.id)
-            spans.append((byte_to_char[piece.begin], byte_to_char[piece.end]))
-        return ids, spans
+        rows = [(p.id, (p.begin, p.end)) for p in self.sp.encode(text, out_type="proto").pieces]
+        if not rows:
+            return [], []
+        ids, spans = zip(*rows)  # one pass over the pieces: reading their fields is the cost here
+        if text.isascii():  # SentencePiece reports byte offsets: the same as character offsets here
+            return list(ids), list(spans)
+        begins, ends = zip(*spans)
+        return list(ids), list(zip(byte_to_char(text, begins), byte_to_char(text, ends)))
+
+
+def byte_to_char(text: str, offsets: Sequence[int]) -> list[int]:
+    """UTF-8 byte offsets into ``text`` as character offsets: a byte inside a character maps to
+    that character, the end of the text to ``len(text)``. Vectorised, because a Python loop over
+    the characters cost more than the tokenization itself."""
+    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    char_of = np.empty(len(data) + 1, dtype=np.int64)
+    np.cumsum((data & 0xC0) != 0x80, out=char_of[:-1])  # every byte but a continuation byte starts a character
+    char_of[:-1] -= 1
+    char_of[-1] = len(text)
+    return char_of[np.asarray(offsets, dtype=np.int64)].tolist()
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -66,8 +66,8 @@ def train(args: argparse.Namespace) -> dict:
     tokenizer = run_tokenizer(args)
     ckpt = load_checkpoint(resume) if resume else None
     width = expected_feature_dim(ckpt, resume)
-    train_set = data.build_dataset(args, tokenizer, "train", train=True, feature_dim=width)
-    val_set = data.build_dataset(args, tokenizer, "val", train=False, feature_dim=width)
+    train_set = data.build_dataset(args, tokenizer, "train", train=True, feature_dim=width, dist=dist)
+    val_set = data.build_dataset(args, tokenizer, "val", train=False, feature_dim=width, dist=dist)
     model = build_model(args, device, tokenizer, train_set.feature_dim)
     sharded = args.fsdp and shard_backbone(model, device, dist)
 

@@ -9,10 +9,13 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..devices import Dist
 from ..errors import FlipVQAError
 from ..prompts import TASKS
 from ..tokenizer import Tokenizer
 from . import dramaqa, generic, nextqa, star, tvqa, vlep
+from .cache import FOLDER as CACHE_FOLDER
+from .cache import CachePlace
 from .dataset import VQADataset
 from .records import FEATURE_DIM, Record, feature_width, load_features
 
@@ -22,10 +25,13 @@ READERS = {"nextqa": nextqa, "star": star, "dramaqa": dramaqa, "vlep": vlep, "tv
 
 
 def build_dataset(args: argparse.Namespace, tokenizer: Tokenizer, split: str, train: bool,
-                  features: dict | None = None, feature_dim: tuple[int, str] | None = None) -> VQADataset:
+                  features: dict | None = None, feature_dim: tuple[int, str] | None = None,
+                  dist: Dist | None = None) -> VQADataset:
     """``split`` of the run's dataset, encoded: training encodes only the objectives that are
     on; evaluation scores with VQA alone. ``feature_dim``: (the width the model's projection
-    takes, who says so), checked against the features; None takes the features' own width."""
+    takes, who says so), checked against the features; None takes the features' own width.
+    The encoding is cached in the dataset's folder (else under --output_dir); ``dist``: under
+    torchrun, rank 0 encodes and the other ranks read its cache."""
     root = dataset_root(args.data_path, args.dataset)
     path = features_file(args.dataset, root)
     if features is None:
@@ -36,9 +42,12 @@ def build_dataset(args: argparse.Namespace, tokenizer: Tokenizer, split: str, tr
                            f"{feature_dim[0]}-d frame features")
     records = load_split(args.data_path, args.dataset, split, args.sub, features)
     tasks = tuple(t for t in TASKS if t == "vqa" or getattr(args, t)) if train else ("vqa",)
+    output = getattr(args, "output_dir", "")
+    folders = [root / CACHE_FOLDER] + ([Path(output) / CACHE_FOLDER] if output else [])
+    cache = CachePlace(folders, f"{split}-{'train' if train else 'eval'}", dist or Dist())
     return VQADataset(records, tokenizer, n_options(args.dataset), args.max_feats, args.max_seq_len,
                       args.sub, train=train, tasks=tasks, name=f"{args.dataset} {split}",
-                      feature_dim=width or (feature_dim[0] if feature_dim else FEATURE_DIM))
+                      feature_dim=width or (feature_dim[0] if feature_dim else FEATURE_DIM), cache=cache)
 
 
 def is_builtin(dataset: str) -> bool:

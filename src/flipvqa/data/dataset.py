@@ -1,8 +1,9 @@
 """Encoded samples and their batches.
 
-Every sample is encoded once, up front (so overflow is reported as one count), and batches are
-padded only to their longest sequence: padding never changes a number, because attention is
-causal and pads are never targets.
+Every sample is encoded once, up front (so overflow is reported as one count), into flat arrays
+(:mod:`flipvqa.data.encoded`), cached on disk when a cache place is given
+(:mod:`flipvqa.data.cache`). Batches are padded only to their longest sequence: padding never
+changes a number, because attention is causal and pads are never targets.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from ..io import progress
 from ..model.inputs import Batch, TaskBatch
 from ..prompts import TASKS, Sequence, encode_sample, open_prompt_text, prompt_text
 from ..tokenizer import Tokenizer
+from .cache import CachePlace, cached_encoding
+from .encoded import EncodedSplit, EncodedView, SplitBuilder
 from .records import FEATURE_DIM, Record, frames_to_slots
 
 log = logging.getLogger(__name__)
@@ -39,44 +42,46 @@ class VQADataset(Dataset):
 
     def __init__(self, records: list[Record], tokenizer: Tokenizer, n_options: Optional[int], max_feats: int,
                  max_seq_len: int, sub: bool, train: bool, tasks: tuple[str, ...] = TASKS,
-                 name: str = "", feature_dim: int = FEATURE_DIM):
+                 name: str = "", feature_dim: int = FEATURE_DIM, cache: Optional[CachePlace] = None):
         """``n_options``: the count every question has (a built-in dataset's), or None for each
-        question's own; ``feature_dim``: the width of a missing video's zero frame."""
+        question's own; ``feature_dim``: the width of a missing video's zero frame; ``cache``:
+        where the encoding is cached (None: encoded every time)."""
         self.records, self.max_feats, self.feature_dim = records, max_feats, feature_dim
         self.tasks = tasks
-        self.encoded = []
         if train and not all(rec.answered for rec in records):
             raise FlipVQAError(f"{name or 'dataset'}: questions without an answer cannot be trained on")
-        for rec in progress(records, f"tokenizing {name}".strip(), enabled=len(records) >= 2000):
-            text = open_prompt_text(rec.question, rec.dialogue) if rec.open_ended else \
-                prompt_text(rec.question, rec.options, rec.dialogue)
-            count = len(rec.options) if n_options is None else n_options
-            # evaluation needs no answer: every option is scored, or the answer generated
-            answer = rec.target if rec.answered else ("" if rec.open_ended else 0)
-            try:
-                self.encoded.append(encode_sample(tokenizer, text, answer, count, max_feats,
-                                                  max_seq_len, sub, tasks, all_options=not train))
-            except FlipVQAError as exc:  # name the question
-                raise FlipVQAError(f"{name or 'dataset'}: question {rec.index} (video {rec.vid}): {exc}") from None
-        self.n_truncated = sum(any(s.truncated for seqs in enc.values() for s in seqs)
-                               for enc in self.encoded)
+        options = {"max_feats": max_feats, "max_seq_len": max_seq_len, "sub": sub, "train": train,
+                   "tasks": list(tasks), "n_options": n_options}
+
+        def encode() -> EncodedSplit:
+            return _encode(records, tokenizer, n_options, max_feats, max_seq_len, sub, train, tasks, name)
+
+        self.encoding = encode() if cache is None else \
+            cached_encoding(records, tokenizer, options, cache, encode, name or "dataset")
+        self.n_truncated = self.encoding.n_truncated()
         self._check_fit(name, max_seq_len)
         if self.n_truncated:
             log.warning("%s: %d of %d questions are longer than --max_seq_len %d and were truncated",
                         name or "dataset", self.n_truncated, len(records), max_seq_len)
 
+    @property
+    def encoded(self) -> EncodedView:
+        """Question i's ``{task: [Sequence, ...]}`` (made on demand from the arrays)."""
+        return EncodedView(self.encoding)
+
     def _check_fit(self, name: str, max_seq_len: int) -> None:
         """A question truncated so far that no answer token (or not the whole video) is left
         would give a NaN loss or score: stop, and say what --max_seq_len it needs."""
-        bad = [(rec, s) for rec, enc in zip(self.records, self.encoded) for task, seqs in enc.items()
-               for s in seqs if not s.fits(self.max_feats, task)]
-        if not bad:
+        bad = self.encoding.unfit(self.max_feats)
+        if not len(bad):
             return
-        needs = max(s.full_length or len(s.ids) for enc in self.encoded for seqs in enc.values() for s in seqs)
-        rec = bad[0][0]
+        questions = self.encoding.question_of(bad)
+        rec = self.records[int(questions[0])]
+        count = len({self.records[int(q)].index for q in set(questions.tolist())})
         raise FlipVQAError(f"{name or 'dataset'}: the prompt does not fit --max_seq_len {max_seq_len} "
-                           f"({len({r.index for r, _ in bad})} questions, e.g. index {rec.index}, video {rec.vid}, "
-                           f"lose (part of) their answer or video); the longest sequence needs --max_seq_len {needs}")
+                           f"({count} questions, e.g. index {rec.index}, video {rec.vid}, "
+                           f"lose (part of) their answer or video); the longest sequence needs "
+                           f"--max_seq_len {self.encoding.longest()}")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -85,6 +90,24 @@ class VQADataset(Dataset):
         rec = self.records[i]
         video, video_len = frames_to_slots(rec.frames, self.max_feats, self.feature_dim)
         return Item(rec, video, video_len, self.encoded[i])
+
+
+def _encode(records: list[Record], tokenizer: Tokenizer, n_options: Optional[int], max_feats: int,
+            max_seq_len: int, sub: bool, train: bool, tasks: tuple[str, ...], name: str) -> EncodedSplit:
+    """Every record's sequences (encode_sample), appended to flat arrays as they come."""
+    builder = SplitBuilder(tokenizer.n_words)
+    for rec in progress(records, f"tokenizing {name}".strip(), enabled=len(records) >= 2000):
+        text = open_prompt_text(rec.question, rec.dialogue) if rec.open_ended else \
+            prompt_text(rec.question, rec.options, rec.dialogue)
+        count = len(rec.options) if n_options is None else n_options
+        # evaluation needs no answer: every option is scored, or the answer generated
+        answer = rec.target if rec.answered else ("" if rec.open_ended else 0)
+        try:
+            builder.add(encode_sample(tokenizer, text, answer, count, max_feats, max_seq_len, sub, tasks,
+                                      all_options=not train))
+        except FlipVQAError as exc:  # name the question
+            raise FlipVQAError(f"{name or 'dataset'}: question {rec.index} (video {rec.vid}): {exc}") from None
+    return builder.finish()
 
 
 def collate(items: list[Item], pad_to: Optional[int] = None) -> Batch:

@@ -14,6 +14,7 @@ import torch
 
 from flipvqa import data
 from flipvqa.cli import main
+from flipvqa.errors import FlipVQAError
 from flipvqa.data.dataset import VQADataset, collate
 from flipvqa.io import read_json, read_jsonl
 
@@ -300,3 +301,23 @@ def test_csv_gaps_and_answers_as_text(tmp_path):
     assert [r.options for r in recs] == [["a cat", "a dog"], ["x", "y", "z"]]
     assert [r.answer for r in recs] == [1, 2] and [r.qtype for r in recs] == ["causal", -1]
     assert recs[0].question == "Why?"
+
+
+def test_line_endings_and_line_separators(tmp_path):
+    """The reader streams the file: a JSONL line ends at "\\n" only (CRLF is fine; U+2028 inside
+    a string is text, not a line break), and an error still names the right line; a CSV's quoted
+    cell keeps its line break."""
+    out = tmp_path / "ends"
+    out.mkdir()
+    rows = [dict(GOOD, question="what\u2028happens"), dict(GOOD, question="then what")]
+    (out / "val.jsonl").write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows).encode())
+    torch.save({"v0": torch.zeros(3, 768).half()}, out / "features.pth")
+    recs = data.load_split(tmp_path, "ends", "val")
+    assert [r.question for r in recs] == ["What\u2028happens?", "Then what?"] and [r.index for r in recs] == [0, 1]
+    (out / "val.jsonl").write_bytes(b"\n".join([json.dumps(GOOD).encode(), b"", b"{broken"]) + b"\n")
+    with pytest.raises(FlipVQAError, match=r"val\.jsonl:3: not valid JSON"):
+        data.load_split(tmp_path, "ends", "val")
+    (out / "val.jsonl").unlink()
+    (out / "val.csv").write_bytes(b'video,question,answer,a0,a1\r\nv0,"two\r\nlines",0,yes,no\r\nv0,why,1,a,b\r\n')
+    recs = data.load_split(tmp_path, "ends", "val")
+    assert [r.question for r in recs] == ["Two\nlines?", "Why?"] and recs[1].options == ["a", "b"]

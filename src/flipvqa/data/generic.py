@@ -15,10 +15,11 @@ VLEP's ``Dialogue: {text}\\n``, an ``.srt`` file is windowed and joined as TVQA'
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
+import sys
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any, Optional
 
 from ..errors import FlipVQAError
@@ -84,37 +85,41 @@ def read(root: Path, split: str, features: dict, sub: bool,
     return records
 
 
-def _rows(path: Path, errors: Optional[list[str]]) -> list[tuple[int, dict]]:
-    """(line number, row) of every question; CSV rows get their options gathered from a0, a1, ..."""
-    rows = []
+def _rows(path: Path, errors: Optional[list[str]]) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of every question, read as the file streams by (a million rows are
+    never all held at once); CSV rows get their options gathered from a0, a1, ..."""
     try:
-        text = path.read_text(encoding="utf-8")
+        # newline="\n": lines end at "\n" only (universal newlines would also cut at a lone "\r",
+        # and str.splitlines at U+2028 and others, all legal inside a JSON string)
+        with open(path, encoding="utf-8", newline="\n" if path.suffix == ".jsonl" else None) as f:
+            yield from _jsonl_rows(f, path, errors) if path.suffix == ".jsonl" else _csv_rows(f, path)
     except (OSError, UnicodeDecodeError) as exc:
         raise FlipVQAError(f"{path}: cannot be read ({exc})") from None
-    if path.suffix == ".jsonl":
-        # split on "\n" only: str.splitlines would also cut at U+2028 and others, legal in JSON strings
-        for line, raw in enumerate(text.split("\n"), 1):
-            if not raw.strip():
-                continue
-            try:
-                rows.append((line, json.loads(raw)))
-            except json.JSONDecodeError as exc:
-                _fail(f"{path}:{line}: not valid JSON ({exc.msg})", errors)
-        return rows
-    reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted cells may hold line breaks
+
+
+def _jsonl_rows(lines: Iterable[str], path: Path, errors: Optional[list[str]]) -> Iterator[tuple[int, dict]]:
+    for line, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            yield line, json.loads(raw)
+        except json.JSONDecodeError as exc:
+            _fail(f"{path}:{line}: not valid JSON ({exc.msg})", errors)
+
+
+def _csv_rows(f: Iterable[str], path: Path) -> Iterator[tuple[int, dict]]:
+    reader = csv.DictReader(f)  # quoted cells may hold line breaks (read as "\n", as before)
     columns = reader.fieldnames or []
     for name in ("video", "question"):
         if name not in columns:
             raise FlipVQAError(f"{path}: no '{name}' column (columns: {', '.join(columns)})")
     option_columns = sorted((c for c in columns if c[:1] == "a" and c[1:].isdigit()), key=lambda c: int(c[1:]))
     for row in reader:
-        line = reader.line_num
         options = [row.pop(c) or "" for c in option_columns]
         while options and options[-1] == "":
             options.pop()  # empty cells at the end: fewer options
         cells = {k: v for k, v in row.items() if v not in ("", None)}  # an empty cell is an absent field
-        rows.append((line, {**cells, "options": options}))
-    return rows
+        yield reader.line_num, {**cells, "options": options}
 
 
 def _fail(message: str, errors: Optional[list[str]]) -> None:
@@ -130,6 +135,7 @@ def _record(row: Any, index: int, path: Path, line: int, features: dict, fps: in
     if not isinstance(row, dict):
         raise FlipVQAError(f"{where}: expected a JSON object, got {type(row).__name__}")
     video, question = (_text(row, key, where) for key in ("video", "question"))
+    video = sys.intern(video)  # questions of one video share its id string
     options = row.get("options", [])  # none at all: an open-ended question
     if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
         raise FlipVQAError(f"{where}: 'options' must be a list of strings (got {options!r})")

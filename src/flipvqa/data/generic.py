@@ -15,19 +15,28 @@ VLEP's ``Dialogue: {text}\\n``, an ``.srt`` file is windowed and joined as TVQA'
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Optional
+
+from torch import Tensor
 
 from ..errors import FlipVQAError
 from ..io import read_json_object
+from .. import prompts
 from ..prompts import LETTERS, normalize_question
+from . import records as records_module
+from . import subtitles as subtitles_module
+from . import table as table_module
 from .records import Record
 from .store import packed_path
 from .subtitles import tvqa_dialogue
+from .table import RecordTable, TableBuilder
 
 FEATURE_FILES = ("features.pth", "clipvitl14.pth")
 OPTIONAL = ("qid", "type", "start", "end", "subtitles")
@@ -63,26 +72,75 @@ def fps_of(root: Path) -> int:
     return fps
 
 
-def read(root: Path, split: str, features: dict, sub: bool,
+def read(root: Path, split: str, features: Mapping[str, Tensor], sub: bool,
          errors: Optional[list[str]] = None) -> list[Record]:
     """The split's records. A malformed line raises, naming the file and the line; with
     ``errors``, it is appended there and skipped instead (``flipvqa data check``)."""
+    records: list[Record] = []
+
+    def keep(rec: Record, window: Optional[tuple[int, int]]) -> None:
+        if rec.vid in features:
+            rec.frames = features[rec.vid] if window is None else features[rec.vid][window[0]:window[1]]
+        records.append(rec)
+
+    _parse(root, split, sub, keep, errors)
+    return records
+
+
+def read_table(root: Path, split: str, features: Mapping[str, Tensor], sub: bool, key: str) -> RecordTable:
+    """The split's records as one :class:`RecordTable` (the same questions as :func:`read`)."""
+    builder = TableBuilder()
+    _parse(root, split, sub, builder.add)
+    return builder.finish(features, key)
+
+
+def source_key(root: Path, split: str, sub: bool) -> dict[str, Any]:
+    """What the split's records depend on, each part hashed: the annotation file's bytes, the fps,
+    with ``sub`` every subtitles file's name, size and time, and the reading code."""
+    path = split_file(root, split)
+    if path is None:
+        raise FlipVQAError(f"{root}: no {split}.jsonl or {split}.csv")
+    data = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                data.update(chunk)
+    except OSError as exc:
+        raise FlipVQAError(f"{path}: cannot be read ({exc})") from None
+    subtitles = hashlib.blake2b(digest_size=16)
+    if sub and (root / "subtitles").is_dir():
+        for entry in sorted(os.scandir(root / "subtitles"), key=lambda e: e.name):
+            stat = entry.stat()
+            subtitles.update(f"{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogatepass"))
+    code = hashlib.blake2b(digest_size=16)
+    for module in (sys.modules[__name__], records_module, subtitles_module, prompts, table_module):
+        code.update(Path(module.__file__).read_bytes())
+    return {"data": data.hexdigest(), "file": path.name, "options": {"sub": sub, "fps": fps_of(root)},
+            "subtitles": subtitles.hexdigest(), "code": code.hexdigest()}
+
+
+def _parse(root: Path, split: str, sub: bool, keep: Callable[[Record, Optional[tuple[int, int]]], None],
+           errors: Optional[list[str]] = None) -> None:
+    """Hand each question's record (frames not set) and its window of frame rows to ``keep``."""
     path = split_file(root, split)
     if path is None:
         raise FlipVQAError(f"{root}: no {split}.jsonl or {split}.csv")
     fps = fps_of(root)
-    records: list[Record] = []
+    answered, unanswered = 0, None
     for index, (line, row) in enumerate(_rows(path, errors)):  # index: the question's position in the file
         try:
-            records.append(_record(row, index, path, line, features, fps, sub, root))
+            rec, window = _record(row, index, path, line, fps, sub, root)
         except FlipVQAError as exc:
             _fail(str(exc), errors)
-    answered = [r.answered for r in records]
-    if any(answered) and not all(answered):
-        missing = next(r for r in records if r.answer is None)
-        _fail(f"{path}: some questions have an answer and some do not (e.g. question {missing.index}); "
+            continue
+        keep(rec, window)
+        if rec.answered:
+            answered += 1
+        elif unanswered is None:
+            unanswered = rec.index
+    if answered and unanswered is not None:
+        _fail(f"{path}: some questions have an answer and some do not (e.g. question {unanswered}); "
               f"a split used only for prediction has none", errors)
-    return records
 
 
 def _rows(path: Path, errors: Optional[list[str]]) -> Iterator[tuple[int, dict]]:
@@ -129,8 +187,9 @@ def _fail(message: str, errors: Optional[list[str]]) -> None:
     errors.append(message)
 
 
-def _record(row: Any, index: int, path: Path, line: int, features: dict, fps: int, sub: bool,
-            root: Path) -> Record:
+def _record(row: Any, index: int, path: Path, line: int, fps: int, sub: bool,
+            root: Path) -> tuple[Record, Optional[tuple[int, int]]]:
+    """The row's record (its frames not set) and the frame rows its window keeps (None: all)."""
     where = f"{path}:{line}"
     if not isinstance(row, dict):
         raise FlipVQAError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -145,10 +204,7 @@ def _record(row: Any, index: int, path: Path, line: int, features: dict, fps: in
     if "" in options:
         raise FlipVQAError(f"{where}: option {options.index('')} is empty")
     window = _window(row, where)
-    frames = None
-    if video in features:
-        frames = features[video] if window is None else \
-            features[video][round(window[0]) * fps:(round(window[1]) + 1) * fps]
+    rows = None if window is None else (round(window[0]) * fps, (round(window[1]) + 1) * fps)
     dialogue, no_subtitles = "", False
     if sub:
         dialogue, no_subtitles = _dialogue(row, root, video, window, where)
@@ -160,7 +216,7 @@ def _record(row: Any, index: int, path: Path, line: int, features: dict, fps: in
     return Record(index=index, vid=video, question=normalize_question(question), options=options,
                   answer=answer, qtype=qtype if qtype else -1,
                   qid=None if row.get("qid") is None else str(row["qid"]), dialogue=dialogue,
-                  subtitles_missing=no_subtitles, frames=frames, answers=answers)
+                  subtitles_missing=no_subtitles, answers=answers), rows
 
 
 def _text(row: dict, key: str, where: str) -> str:

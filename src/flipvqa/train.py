@@ -106,7 +106,7 @@ def train(args: argparse.Namespace) -> dict:
     val_loader = eval_loader(val_set, args.batch_size, args.num_workers, dist)
     amp = autocast(device, dtype)
     groups, weighted = data.type_groups(args.dataset), data.weighted_groups(args.dataset)
-    type_names = data.type_names(args.dataset, (r.qtype for r in val_set.records))
+    type_names = data.type_names(args.dataset, data.qtypes(val_set.records))
     runlog = RunLog(out, dist.is_main, args.tensorboard, prog.global_step + 1)
     history = []
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+
+from torch import Tensor
 
 from ..devices import Dist
 from ..errors import FlipVQAError
@@ -15,9 +17,10 @@ from ..prompts import TASKS
 from ..tokenizer import Tokenizer
 from . import dramaqa, generic, nextqa, star, tvqa, vlep
 from .cache import FOLDER as CACHE_FOLDER
-from .cache import CachePlace
+from .cache import CachePlace, Kind, cached, digest
 from .dataset import VQADataset
 from .records import FEATURE_DIM, Record, feature_width, load_features
+from .table import RecordTable
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +43,11 @@ def build_dataset(args: argparse.Namespace, tokenizer: Tokenizer, split: str, tr
     if feature_dim is not None and width is not None and width != feature_dim[0]:
         raise FlipVQAError(f"{path}: the features are {width}-d, but {feature_dim[1]} takes "
                            f"{feature_dim[0]}-d frame features")
-    records = load_split(args.data_path, args.dataset, split, args.sub, features)
-    tasks = tuple(t for t in TASKS if t == "vqa" or getattr(args, t)) if train else ("vqa",)
     output = getattr(args, "output_dir", "")
     folders = [root / CACHE_FOLDER] + ([Path(output) / CACHE_FOLDER] if output else [])
+    records = load_split(args.data_path, args.dataset, split, args.sub, features,
+                         place=CachePlace(folders, f"{split}-records", dist or Dist()))
+    tasks = tuple(t for t in TASKS if t == "vqa" or getattr(args, t)) if train else ("vqa",)
     cache = CachePlace(folders, f"{split}-{'train' if train else 'eval'}", dist or Dist())
     return VQADataset(records, tokenizer, n_options(args.dataset), args.max_feats, args.max_seq_len,
                       args.sub, train=train, tasks=tasks, name=f"{args.dataset} {split}",
@@ -104,27 +108,47 @@ def features_file(dataset: str, root: Path) -> Path:
 
 
 def load_split(data_path: str | Path, dataset: str, split: str, sub: bool = False,
-               features: dict | None = None, errors: list[str] | None = None) -> list[Record]:
+               features: Mapping[str, Tensor] | None = None, errors: list[str] | None = None,
+               place: CachePlace | None = None) -> Sequence[Record]:
     """Read ``<data_path>/<dataset>/`` for ``split`` into records, with their raw frame features.
-    ``errors`` (generic format): collect malformed lines there instead of stopping at the first."""
+    ``errors`` (generic format): collect malformed lines there instead of stopping at the first.
+    ``place`` (generic format): keep the records as a :class:`RecordTable` cached there."""
     root = dataset_root(data_path, dataset)
     if features is None:
         features = load_features(features_file(dataset, root))
     if is_builtin(dataset):
         records = READERS[dataset].read(root, split, features, sub)
+    elif place is not None and errors is None:
+        records = _cached_table(root, split, sub, features, place, f"{dataset} {split}")
     else:
         records = generic.read(root, split, features, sub, errors)
     if not records and errors is None:
         raise FlipVQAError(f"{root}: the {split} split has no questions")
-    missing = [r.vid for r in records if r.frames is None]
+    tabled = isinstance(records, RecordTable)
+    missing = records.missing_features() if tabled else [r.vid for r in records if r.frames is None]
     if missing:
         log.warning("%s %s: %d of %d questions have no video features (a zero feature is used), e.g. %s",
                     dataset, split, len(missing), len(records), ", ".join(sorted(set(missing))[:5]))
-    no_subs = [r.vid for r in records if r.subtitles_missing]
+    no_subs = records.missing_subtitles() if tabled else [r.vid for r in records if r.subtitles_missing]
     if no_subs:
         log.warning("%s %s: %d questions have no subtitles file/entry (empty dialogue), e.g. %s",
                     dataset, split, len(no_subs), ", ".join(sorted(set(no_subs))[:5]))
     return records
+
+
+def _cached_table(root: Path, split: str, sub: bool, features: Mapping[str, Tensor], place: CachePlace,
+                  name: str) -> RecordTable:
+    """The split's records as a table, read from the cache (keyed by the annotation file's
+    bytes, the subtitles, the options and the reading code), else parsed and cached."""
+    key = generic.source_key(root, split, sub)
+    kind = Kind(".rec", "records", "reading the questions again", lambda table, path, meta: table.write(path, meta),
+                lambda path, verify: RecordTable.load(path, features, verify))
+    return cached(place, key, kind, lambda: generic.read_table(root, split, features, sub, digest(key)), name)
+
+
+def qtypes(records: Sequence[Record]) -> set:
+    """The distinct question types of ``records``."""
+    return records.qtypes() if isinstance(records, RecordTable) else {r.qtype for r in records}
 
 
 __all__ = ["READERS", "Record", "build_dataset", "load_split", "n_options", "reader", "type_groups", "type_names",

@@ -1,15 +1,17 @@
-"""The encoded prompts of a split, cached on disk so that a second run skips encoding.
+"""A split's records and encoded prompts, cached on disk so that a second run skips reading and
+encoding.
 
-A cache file is ``<folder>/.flipvqa-cache/<split>-<train|eval>.<key>.enc`` (an array file,
+A cache file is ``<folder>/.flipvqa-cache/<label>.<key><suffix>`` (an array file,
 :mod:`flipvqa.data.arrayfile`), first in the dataset's folder, else (read-only data) under the
-output dir. ``<key>`` hashes everything the tokens depend on: the records' text (question,
-options, answers, dialogue), the tokenizer (its file, special ids and library version), the
-encoding options and the encoding code itself. A file for other inputs is therefore never read:
-it is named in a note and replaced. A damaged one is named in a warning and rebuilt.
+output dir: ``<split>-records.<key>.rec`` holds a generic split's :class:`RecordTable` (its key
+hashes the annotation file's bytes, the subtitles and the reading code), and
+``<split>-<train|eval>.<key>.enc`` its encoding (its key hashes everything the tokens depend on: the
+records' text, the tokenizer's file, special ids and library version, the encoding options and the
+encoding code itself). A file for other inputs is therefore never read: it is named in a note and
+replaced. A damaged one is named in a warning and rebuilt.
 
-Under torchrun rank 0 builds a missing cache while the other ranks wait at a barrier; then every
-rank memory-maps the same file.
-"""
+Under torchrun rank 0 builds a missing file while the other ranks wait at a barrier; then every
+rank memory-maps the same file."""
 
 from __future__ import annotations
 
@@ -19,11 +21,11 @@ import json
 import logging
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import torch.distributed as torch_dist
 
@@ -37,6 +39,7 @@ from . import encoded as encoded_module
 from .arrayfile import read_meta, write_arrays
 from .encoded import EncodedSplit
 from .records import Record
+from .table import RecordTable
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ HASHED_PER_UPDATE = 20_000  # records serialised per hash update
 # the run's NCCL timeout (10 minutes by default) could end a wait for a million questions.
 RANK_WAIT = timedelta(hours=3)
 _groups: dict[str, Any] = {}
+T = TypeVar("T")
 LEFTOVER_AGE_S = 24 * 3600  # a temporary file this old is no write in progress
 
 
@@ -63,7 +67,25 @@ class CachePlace:
     dist: Dist = field(default_factory=Dist)
 
 
-def cached_encoding(records: list[Record], tok: Tokenizer, options: dict[str, Any], place: CachePlace,
+@dataclass(frozen=True)
+class Kind:
+    """What a kind of cache file holds: its ``suffix``, ``what`` (in messages), ``again`` (what
+    a miss does, in words), and how an object is written to a file and read from one (memory-mapped;
+    ``verify``: check its checksum; a damaged file raises FlipVQAError or ValueError)."""
+
+    suffix: str
+    what: str
+    again: str
+    write: Callable[[Any, Path, dict[str, Any]], None]
+    load: Callable[[Path, bool], Any]
+
+
+ENCODED = Kind(SUFFIX, "encoded prompts", "encoding the prompts again",
+               lambda split, path, meta: write_arrays(path, split.arrays(), meta),
+               lambda path, verify: EncodedSplit.load(path, verify)[1])
+
+
+def cached_encoding(records: Sequence[Record], tok: Tokenizer, options: dict[str, Any], place: CachePlace,
                     encode: Callable[[], EncodedSplit], name: str) -> EncodedSplit:
     """The split's encoding from the cache, else ``encode()`` written to the cache. Under
     torchrun only rank 0 encodes; the others wait for its file."""
@@ -71,22 +93,37 @@ def cached_encoding(records: list[Record], tok: Tokenizer, options: dict[str, An
     if key is None:
         log.info("%s: the tokenizer has no file to identify it by: the prompts are not cached", name)
         return encode()
-    file_name = f"{place.label}.{_digest(key)}{SUFFIX}"
+    return cached(place, key, ENCODED, encode, name, len(records))
+
+
+def cached(place: CachePlace, key: dict[str, Any], kind: Kind, build: Callable[[], T], name: str,
+           length: Optional[int] = None) -> T:
+    """The object cached under ``key`` in ``place``, else ``build()`` written there and mapped
+    back. ``length``: what a loaded object's len() must be (a file that disagrees is damaged).
+    Under torchrun only rank 0 builds; the others wait for its file, and build themselves only
+    when there is none (the cache could not be written, or rank 0 failed: they then fail alike
+    instead of waiting for ever)."""
+    file_name = f"{place.label}.{digest(key)}{kind.suffix}"
     dist = place.dist
     if dist.enabled and not dist.is_main:
         _wait_for_rank_0()  # rank 0 writes the file meanwhile
-        found = _load(place.folders, file_name, len(records))
+        found = _load(place.folders, file_name, kind, length)
         if found is None:
-            log.warning("%s: rank %d found no encoding cache %s: encoding here", name, dist.rank, file_name)
-            return encode()
+            log.warning("%s: rank %d found no cache %s: %s here", name, dist.rank, file_name, kind.again)
+            return build()
         return found
-    found = _load(place.folders, file_name, len(records))
+    found = _load(place.folders, file_name, kind, length)
     if found is not None:
-        log.info("%s: encoded prompts read from %s", name, found.path)
+        log.info("%s: %s read from %s", name, kind.what, found.path)
     else:
-        stale = _stale(place, file_name, key)
-        split = encode()
-        found = _store(place, file_name, split, key, stale, name) or split
+        stale = _stale(place, file_name, key, kind)
+        try:
+            built = build()
+        except BaseException:
+            if dist.enabled:
+                _wait_for_rank_0()  # release the other ranks, which then meet the same error
+            raise
+        found = _store(place, file_name, built, key, stale, kind, name) or built
     if dist.enabled:
         _wait_for_rank_0()  # the file is there: the other ranks read it
     return found
@@ -100,7 +137,7 @@ def _wait_for_rank_0() -> None:
     torch_dist.barrier(group=_groups["wait"])
 
 
-def encoding_key(records: list[Record], tok: Tokenizer, options: dict[str, Any]) -> Optional[dict[str, Any]]:
+def encoding_key(records: Sequence[Record], tok: Tokenizer, options: dict[str, Any]) -> Optional[dict[str, Any]]:
     """What the tokens depend on, each part hashed; None when the tokenizer has no file."""
     path = getattr(tok, "path", None)
     if path is None or not Path(path).is_file():
@@ -111,7 +148,8 @@ def encoding_key(records: list[Record], tok: Tokenizer, options: dict[str, Any])
     code = hashlib.blake2b(digest_size=16)
     for module in SOURCES:
         code.update(Path(module.__file__).read_bytes())
-    return {"version": ENCODING_VERSION, "options": options, "data": _records_digest(records),
+    data = records.key if isinstance(records, RecordTable) else _records_digest(records)
+    return {"version": ENCODING_VERSION, "options": options, "data": data,
             "tokenizer": tok_hash.hexdigest(), "tokenizer_file": str(path), "code": code.hexdigest()}
 
 
@@ -141,38 +179,38 @@ def _versions() -> dict[str, Optional[str]]:
     return found
 
 
-def _digest(key: dict[str, Any]) -> str:
+def digest(key: dict[str, Any]) -> str:
     # The file name carries the hash of all of it but the tokenizer's path (a moved file is the same)
     parts = {k: v for k, v in key.items() if k != "tokenizer_file"}
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
-def _load(folders: list[Path], file_name: str, questions: int) -> Optional[EncodedSplit]:
-    """The cached split of ``questions`` questions from the first folder that has the file; a
-    damaged file is a warning (and then rebuilt by the caller), never an error."""
+def _load(folders: list[Path], file_name: str, kind: Kind, length: Optional[int]) -> Any:
+    """The object in the first folder that has the file (None: none has); a damaged file, or one
+    whose len() is not ``length``, is a warning (and then rebuilt by the caller), never an error."""
     for folder in folders:
         path = folder / file_name
         if not path.is_file():
             continue
         try:
-            split = EncodedSplit.load(path)[1]
-            if len(split) != questions:
-                raise ValueError(f"{len(split)} questions, not {questions}")
-            return split
+            found = kind.load(path, True)
+            if length is not None and len(found) != length:
+                raise ValueError(f"{len(found)} questions, not {length}")
+            return found
         except (FlipVQAError, ValueError, OSError) as exc:
             if not path.exists():  # removed meanwhile as stale by a run with other options: a miss
                 continue
             reason = first_line(exc)
-            log.warning("%s; encoding the prompts again", reason if str(path) in reason else f"{path}: {reason}")
+            log.warning("%s; %s", reason if str(path) in reason else f"{path}: {reason}", kind.again)
     return None
 
 
-def _stale(place: CachePlace, file_name: str, key: dict[str, Any]) -> list[Path]:
+def _stale(place: CachePlace, file_name: str, key: dict[str, Any], kind: Kind) -> list[Path]:
     """The folders' cache files of the same split and kind made for other inputs, each named in
     a note with what changed."""
     stale = []
     for folder in place.folders:
-        for path in sorted(folder.glob(f"{place.label}.*{SUFFIX}")) if folder.is_dir() else []:
+        for path in sorted(folder.glob(f"{place.label}.*{kind.suffix}")) if folder.is_dir() else []:
             if path.name == file_name:
                 continue
             stale.append(path)
@@ -180,7 +218,7 @@ def _stale(place: CachePlace, file_name: str, key: dict[str, Any]) -> list[Path]
                 old = read_meta(path)[0].get("key", {})
             except FlipVQAError:
                 old = {}
-            log.info("%s: made for %s; encoding again into %s", path, _changes(old, key), file_name)
+            log.info("%s: made for %s; %s into %s", path, _changes(old, key), kind.again, file_name)
     return stale
 
 
@@ -188,7 +226,8 @@ def _changes(old: dict[str, Any], new: dict[str, Any]) -> str:
     """What differs between two keys, in words."""
     words = {"data": "other questions (their text, options, answers or dialogues changed)",
              "tokenizer": "another tokenizer",
-             "code": "another version of flipvqa's prompt code", "version": "another cache format"}
+             "subtitles": "other subtitles files", "file": "another annotation file",
+             "code": "another version of flipvqa's code", "version": "another cache format"}
     changed = [words[k] for k in words if old.get(k) != new.get(k)]
     options = [f"{k} {old.get('options', {}).get(k)!r} (now {v!r})" for k, v in new["options"].items()
                if old.get("options", {}).get(k) != v]
@@ -197,16 +236,16 @@ def _changes(old: dict[str, Any], new: dict[str, Any]) -> str:
     return " and ".join(changed) or "other inputs"
 
 
-def _store(place: CachePlace, file_name: str, split: EncodedSplit, key: dict[str, Any], stale: list[Path],
-           name: str) -> Optional[EncodedSplit]:
-    """Write ``split`` into the first writable folder, drop that folder's stale files and return
-    the split memory-mapped from the file (its buffers freed); None when no folder is writable."""
+def _store(place: CachePlace, file_name: str, built: Any, key: dict[str, Any], stale: list[Path], kind: Kind,
+           name: str) -> Any:
+    """Write ``built`` into the first writable folder, drop that folder's stale files and return
+    it memory-mapped from the file (its buffers freed); None when no folder is writable."""
     errors = []
     for folder in place.folders:
         path = folder / file_name
         try:
             _prepare(folder)
-            write_arrays(path, split.arrays(), {"key": key, "questions": len(split)})
+            kind.write(built, path, {"key": key, "questions": len(built)})
         except OSError as exc:  # a read-only data folder: try the next one
             errors.append(f"{folder}: {first_line(exc)}")
             continue
@@ -216,10 +255,10 @@ def _store(place: CachePlace, file_name: str, split: EncodedSplit, key: dict[str
                     old.unlink(missing_ok=True)
                 except OSError:  # in use where that forbids removing (Windows): left for a later run
                     pass
-        log.info("%s: encoded prompts cached in %s", name, path)
-        return EncodedSplit.load(path, verify=False)[1]
-    log.info("%s: the encoded prompts cannot be cached (%s); the next run encodes them again",
-             name, "; ".join(errors) or "no cache folder")
+        log.info("%s: %s cached in %s", name, kind.what, path)
+        return kind.load(path, False)
+    log.info("%s: the %s cannot be cached (%s); the next run makes them again",
+             name, kind.what, "; ".join(errors) or "no cache folder")
     return None
 
 
@@ -229,7 +268,7 @@ def _prepare(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     ignore = folder / ".gitignore"
     if not ignore.exists():
-        ignore.write_text("# flipvqa's cache of encoded prompts (rebuilt when missing)\n*\n")
+        ignore.write_text("# flipvqa's cache of records and encoded prompts (rebuilt when missing)\n*\n")
     for temp in folder.glob(".*.tmp"):  # what a killed write left (io.write_atomic); not one in progress
         try:
             if time.time() - temp.stat().st_mtime > LEFTOVER_AGE_S:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from collections.abc import Sequence as Records
 from typing import Optional
 
 import torch
@@ -24,6 +25,7 @@ from ..tokenizer import Tokenizer
 from .cache import CachePlace, cached_encoding
 from .encoded import EncodedSplit, EncodedView, SplitBuilder
 from .records import FEATURE_DIM, Record, frames_to_slots
+from .table import RecordTable
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class VQADataset(Dataset):
     """Records encoded into the three sequences (training: the correct letter; evaluation:
     every option, VQA only unless ``tasks`` says otherwise)."""
 
-    def __init__(self, records: list[Record], tokenizer: Tokenizer, n_options: Optional[int], max_feats: int,
+    def __init__(self, records: Records[Record], tokenizer: Tokenizer, n_options: Optional[int], max_feats: int,
                  max_seq_len: int, sub: bool, train: bool, tasks: tuple[str, ...] = TASKS,
                  name: str = "", feature_dim: int = FEATURE_DIM, cache: Optional[CachePlace] = None):
         """``n_options``: the count every question has (a built-in dataset's), or None for each
@@ -48,7 +50,8 @@ class VQADataset(Dataset):
         where the encoding is cached (None: encoded every time)."""
         self.records, self.max_feats, self.feature_dim = records, max_feats, feature_dim
         self.tasks = tasks
-        if train and not all(rec.answered for rec in records):
+        answered = records.all_answered() if isinstance(records, RecordTable) else all(r.answered for r in records)
+        if train and not answered:
             raise FlipVQAError(f"{name or 'dataset'}: questions without an answer cannot be trained on")
         options = {"max_feats": max_feats, "max_seq_len": max_seq_len, "sub": sub, "train": train,
                    "tasks": list(tasks), "n_options": n_options}

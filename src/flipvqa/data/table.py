@@ -102,14 +102,14 @@ class RecordTable(Sequence[Record]):
         if meta.get("format") != FORMAT or set(arrays) != {"blob", "ends", "items", "item_ends", "rows",
                                                              "vid_strings"}:
             raise ValueError(f"{path}: not a table of records")
-        table = cls(arrays, features, str(meta.get("key")), path)
+        table = cls(arrays, features, str(meta.get("digest")), path)
         if len(arrays["rows"]) % len(COLUMNS) or len(table) != meta.get("questions") or \
                 int(table._ends[-1]) != len(table._blob) or int(table._item_ends[-1]) != len(table._items):
             raise ValueError(f"{path}: its arrays do not fit together")
         return table
 
     def write(self, path: Path, meta: dict[str, Any]) -> None:
-        write_arrays(path, self.arrays, {**meta, "format": FORMAT, "questions": len(self), "key": self.key})
+        write_arrays(path, self.arrays, {**meta, "format": FORMAT, "questions": len(self), "digest": self.key})
 
     def __len__(self) -> int:
         return self.rows.shape[0]
@@ -151,13 +151,22 @@ class RecordTable(Sequence[Record]):
         open_ended = np.diff(self._item_ends)[rows[:, 6]] == 0  # no options
         return bool(np.where(open_ended, rows[:, 7] != NONE, rows[:, 5] != NONE).all())
 
-    def missing_features(self) -> list[int]:
-        """The questions whose video has no features."""
+    def missing_features(self) -> list[str]:
+        """The video of every question whose video has no features."""
         absent = np.array([name not in self.features for name in self.videos], dtype=bool)
-        return np.flatnonzero(absent[self.rows[:, 0]]).tolist() if len(self) else []
+        return self._videos_of(np.flatnonzero(absent[self.rows[:, 0]]) if len(self) else [])
 
-    def missing_subtitles(self) -> list[int]:
-        return np.flatnonzero(self.rows[:, 10] & NO_SUBTITLES).tolist() if len(self) else []
+    def missing_subtitles(self) -> list[str]:
+        """The video of every question marked as having no subtitles."""
+        return self._videos_of(np.flatnonzero(self.rows[:, 10] & NO_SUBTITLES) if len(self) else [])
+
+    def qtypes(self) -> set:
+        """The distinct question types (-1: none)."""
+        codes = np.unique(self.rows[:, 4]).tolist() if len(self) else []
+        return {-1 if k == NONE else self._text(k) for k in codes}
+
+    def _videos_of(self, questions) -> list[str]:
+        return [self.videos[v] for v in self.rows[questions, 0].tolist()] if len(questions) else []
 
     def __getstate__(self) -> dict:
         # A DataLoader worker started by spawn gets the file's name, not a copy of the arrays.

@@ -59,8 +59,9 @@ LEFTOVER_AGE_S = 24 * 3600  # a temporary file this old is no write in progress
 
 @dataclass
 class CachePlace:
-    """Where a split's encoding is cached: ``folders`` are tried in order (the data's, then the
-    output dir's); ``label`` names the split and the kind of encoding, e.g. ``train-train``."""
+    """Where a split's records or encoding are cached: ``folders`` are tried in order (the data's,
+    then the output dir's); ``label`` names the split and what is kept, e.g. ``train-records``,
+    ``train-train`` (training's encoding)."""
 
     folders: list[Path]
     label: str
@@ -119,7 +120,7 @@ def cached(place: CachePlace, key: dict[str, Any], kind: Kind, build: Callable[[
         stale = _stale(place, file_name, key, kind)
         try:
             built = build()
-        except BaseException:
+        except Exception:
             if dist.enabled:
                 _wait_for_rank_0()  # release the other ranks, which then meet the same error
             raise

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -54,15 +55,25 @@ def phrase(rng: random.Random, low: int, high: int) -> str:
 
 
 def generate(folder: Path, size: int, seed: int = 0) -> dict:
-    """``folder/scale/{train,val}.jsonl`` and ``features.pth``, made once per size."""
-    import torch
-
+    """``folder/scale/{train,val}.jsonl`` and ``features.pth``, made once per size, in a process of
+    its own: a child forked from a big parent would start with the parent's resident size, which
+    Linux then reports as the child's peak (ru_maxrss)."""
     n_videos = min(max(size // 5, 1), 100_000)  # 300 K questions: 60 K videos, as in the issue
     meta = {"train": size, "val": size // 10, "videos": n_videos, "frames": FRAMES, "width": WIDTH, "seed": seed}
-    root = folder / "scale"
-    stamp = root / "generated.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == meta:
-        return meta
+    stamp = folder / "scale" / "generated.json"
+    if not (stamp.is_file() and json.loads(stamp.read_text()) == meta):
+        process = multiprocessing.get_context("spawn").Process(target=_write, args=(folder / "scale", meta))
+        process.start()
+        process.join()
+        if process.exitcode != 0:
+            raise SystemExit(f"scale.py: generating {folder} failed")
+    return meta
+
+
+def _write(root: Path, meta: dict) -> None:
+    import torch
+
+    seed, n_videos = meta["seed"], meta["videos"]
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     rng = random.Random(seed)
@@ -75,8 +86,7 @@ def generate(folder: Path, size: int, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     features = {f"v{k:06d}": torch.randn(FRAMES, WIDTH, generator=gen).half() for k in range(n_videos)}
     torch.save(features, root / "features.pth")
-    stamp.write_text(json.dumps(meta))
-    return meta
+    (root / "generated.json").write_text(json.dumps(meta))
 
 
 def forget(root: Path) -> None:

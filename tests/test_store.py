@@ -235,3 +235,17 @@ def test_a_killed_pack_leaves_no_store_a_reader_would_take(tmp_path):
     assert isinstance(load_features(pth), dict)  # the leftover temporary file is not taken
     pack(pth)
     assert all(same(load_features(pth)[k], v) for k, v in feats.items())
+
+
+def test_a_width_error_names_the_store_that_was_read(tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(case_dir("nextqa") / "data", data)
+    pth = data / "nextqa" / "clipvitl14.pth"
+    torch.save({k: v[:, :512] for k, v in torch.load(pth).items()}, pth)
+    pack(pth)
+    flags = case_flags("nextqa", resume=case_dir("nextqa") / "checkpoint.pth", output_dir=tmp_path / "out")
+    flags[flags.index("--data_path") + 1] = str(data)
+    assert main(["-q", "eval", *flags]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after the note on training-only flags
+    assert line.startswith("flipvqa: error: ") and "clipvitl14.safetensors: the features are 512-d" in line
+    assert "takes 768-d" in line, line

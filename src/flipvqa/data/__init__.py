@@ -39,6 +39,7 @@ def build_dataset(args: argparse.Namespace, tokenizer: Tokenizer, split: str, tr
     path = features_file(args.dataset, root)
     if features is None:
         features = load_features(path)
+    path = getattr(features, "path", path)  # the packed store, where that was read
     width = feature_width(features, path)
     if feature_dim is not None and width is not None and width != feature_dim[0]:
         raise FlipVQAError(f"{path}: the features are {width}-d, but {feature_dim[1]} takes "

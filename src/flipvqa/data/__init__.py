@@ -17,7 +17,7 @@ from ..prompts import TASKS
 from ..tokenizer import Tokenizer
 from . import dramaqa, generic, nextqa, star, tvqa, vlep
 from .cache import FOLDER as CACHE_FOLDER
-from .cache import CachePlace, Kind, cached, digest
+from .cache import CachePlace, Kind, cached, digest, records_key
 from .dataset import VQADataset
 from .records import FEATURE_DIM, Record, feature_width, load_features
 from .table import RecordTable
@@ -141,7 +141,7 @@ def _cached_table(root: Path, split: str, sub: bool, features: Mapping[str, Tens
                   name: str) -> RecordTable:
     """The split's records as a table, read from the cache (keyed by the annotation file's
     bytes, the subtitles, the options and the reading code), else parsed and cached."""
-    key = generic.source_key(root, split, sub)
+    key = records_key(root, split, sub)
     kind = Kind(".rec", "records", "reading the questions again", lambda table, path, meta: table.write(path, meta),
                 lambda path, verify: RecordTable.load(path, features, verify))
     return cached(place, key, kind, lambda: generic.read_table(root, split, features, sub, digest(key)), name)

@@ -19,6 +19,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import os
 import time
 from array import array
 from collections.abc import Callable, Sequence
@@ -36,6 +37,10 @@ from ..errors import FlipVQAError
 from ..io import first_line
 from ..tokenizer import Tokenizer
 from . import encoded as encoded_module
+from . import generic
+from . import records as records_module
+from . import subtitles as subtitles_module
+from . import table as table_module
 from .arrayfile import read_meta, write_arrays
 from .encoded import EncodedSplit
 from .records import Record
@@ -46,8 +51,9 @@ log = logging.getLogger(__name__)
 ENCODING_VERSION = 1  # raise when the stored arrays change meaning
 FOLDER = ".flipvqa-cache"
 SUFFIX = ".enc"
-# The code that decides the tokens: a change there (even a comment) means re-encoding.
+# The code that decides the tokens, and the code that decides a generic split's records.
 SOURCES = (prompts, tokenizer_module, hf_tokenizer, encoded_module)
+RECORD_SOURCES = (generic, records_module, subtitles_module, prompts, table_module)
 HASHED_PER_UPDATE = 20_000  # records serialised per hash update
 # How long the other ranks wait for rank 0's encoding. Their wait has a gloo group of its own:
 # the run's NCCL timeout (10 minutes by default) could end a wait for a million questions.
@@ -146,12 +152,39 @@ def encoding_key(records: Sequence[Record], tok: Tokenizer, options: dict[str, A
     tok_hash = hashlib.blake2b(Path(path).read_bytes(), digest_size=16)
     tok_hash.update(json.dumps([type(tok).__name__, tok.bos_id, tok.eos_id, tok.newline_id, tok.n_words,
                                 _versions()]).encode())
-    code = hashlib.blake2b(digest_size=16)
-    for module in SOURCES:
-        code.update(Path(module.__file__).read_bytes())
     data = records.key if isinstance(records, RecordTable) else _records_digest(records)
     return {"version": ENCODING_VERSION, "options": options, "data": data,
-            "tokenizer": tok_hash.hexdigest(), "tokenizer_file": str(path), "code": code.hexdigest()}
+            "tokenizer": tok_hash.hexdigest(), "tokenizer_file": str(path), "code": _code_digest(SOURCES)}
+
+
+def records_key(root: Path, split: str, sub: bool) -> dict[str, Any]:
+    """What a generic split's records depend on, each part hashed: the annotation file's bytes,
+    the fps, with ``sub`` every subtitles file's name, size and time, and the reading code."""
+    path = generic.split_file(root, split)
+    if path is None:
+        raise FlipVQAError(f"{root}: no {split}.jsonl or {split}.csv")
+    data = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                data.update(chunk)
+    except OSError as exc:
+        raise FlipVQAError(f"{path}: cannot be read ({exc})") from None
+    subtitles = hashlib.blake2b(digest_size=16)
+    if sub and (root / "subtitles").is_dir():
+        for entry in sorted(os.scandir(root / "subtitles"), key=lambda e: e.name):
+            stat = entry.stat()
+            subtitles.update(f"{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogatepass"))
+    return {"data": data.hexdigest(), "file": path.name, "options": {"sub": sub, "fps": generic.fps_of(root)},
+            "subtitles": subtitles.hexdigest(), "code": _code_digest(RECORD_SOURCES)}
+
+
+def _code_digest(modules: tuple) -> str:
+    """A hash of the modules' source files: a change there (even a comment) means rebuilding."""
+    code = hashlib.blake2b(digest_size=16)
+    for module in modules:
+        code.update(Path(module.__file__).read_bytes())
+    return code.hexdigest()
 
 
 def _records_digest(records: list[Record]) -> str:

@@ -50,8 +50,8 @@ class VQADataset(Dataset):
         where the encoding is cached (None: encoded every time)."""
         self.records, self.max_feats, self.feature_dim = records, max_feats, feature_dim
         self.tasks = tasks
-        answered = records.all_answered() if isinstance(records, RecordTable) else all(r.answered for r in records)
-        if train and not answered:
+        if train and not (records.all_answered() if isinstance(records, RecordTable)
+                          else all(r.answered for r in records)):
             raise FlipVQAError(f"{name or 'dataset'}: questions without an answer cannot be trained on")
         options = {"max_feats": max_feats, "max_seq_len": max_seq_len, "sub": sub, "train": train,
                    "tasks": list(tasks), "n_options": n_options}

@@ -15,10 +15,8 @@ VLEP's ``Dialogue: {text}\\n``, an ``.srt`` file is windowed and joined as TVQA'
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -28,11 +26,7 @@ from torch import Tensor
 
 from ..errors import FlipVQAError
 from ..io import read_json_object
-from .. import prompts
 from ..prompts import LETTERS, normalize_question
-from . import records as records_module
-from . import subtitles as subtitles_module
-from . import table as table_module
 from .records import Record
 from .store import packed_path
 from .subtitles import tvqa_dialogue
@@ -92,31 +86,6 @@ def read_table(root: Path, split: str, features: Mapping[str, Tensor], sub: bool
     builder = TableBuilder()
     _parse(root, split, sub, builder.add)
     return builder.finish(features, key)
-
-
-def source_key(root: Path, split: str, sub: bool) -> dict[str, Any]:
-    """What the split's records depend on, each part hashed: the annotation file's bytes, the fps,
-    with ``sub`` every subtitles file's name, size and time, and the reading code."""
-    path = split_file(root, split)
-    if path is None:
-        raise FlipVQAError(f"{root}: no {split}.jsonl or {split}.csv")
-    data = hashlib.blake2b(digest_size=16)
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                data.update(chunk)
-    except OSError as exc:
-        raise FlipVQAError(f"{path}: cannot be read ({exc})") from None
-    subtitles = hashlib.blake2b(digest_size=16)
-    if sub and (root / "subtitles").is_dir():
-        for entry in sorted(os.scandir(root / "subtitles"), key=lambda e: e.name):
-            stat = entry.stat()
-            subtitles.update(f"{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogatepass"))
-    code = hashlib.blake2b(digest_size=16)
-    for module in (sys.modules[__name__], records_module, subtitles_module, prompts, table_module):
-        code.update(Path(module.__file__).read_bytes())
-    return {"data": data.hexdigest(), "file": path.name, "options": {"sub": sub, "fps": fps_of(root)},
-            "subtitles": subtitles.hexdigest(), "code": code.hexdigest()}
 
 
 def _parse(root: Path, split: str, sub: bool, keep: Callable[[Record, Optional[tuple[int, int]]], None],
